@@ -45,8 +45,12 @@ def _dense_to_sparse(codes: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _auxk_term(
-    sae: SAE, aux_values: Tensor | None, aux_indices: Tensor | None, residual: Tensor,
-    n_dead: int, k_aux: int,
+    sae: SAE,
+    aux_values: Tensor | None,
+    aux_indices: Tensor | None,
+    residual: Tensor,
+    n_dead: int,
+    k_aux: int,
 ) -> Tensor:
     """AuxK (Gao et al. 2024) from sparse candidates: decode them without bias and fit the
     detached residual; scaled by ``min(n_dead / k_aux, 1)`` as in SAELens."""
@@ -87,13 +91,23 @@ class TopKSAE(SAE):
 
     def _forward_2d(self, x: Tensor, *, dead_mask: Tensor | None, k_aux: int) -> SAEOutput:
         enc = ops.encode_topk(
-            x, self.W_enc, self.b_enc, self.cfg.k,
-            b_dec=self._encoder_input(x), dead_mask=dead_mask, k_aux=k_aux,
+            x,
+            self.W_enc,
+            self.b_enc,
+            self.cfg.k,
+            b_dec=self._encoder_input(x),
+            dead_mask=dead_mask,
+            k_aux=k_aux,
         )
-        recon = self._add_skip(ops.sparse_decode(enc.values, enc.indices, self.W_dec, self.b_dec), x)
+        recon = self._add_skip(
+            ops.sparse_decode(enc.values, enc.indices, self.W_dec, self.b_dec), x
+        )
         return SAEOutput(
-            recon=recon, values=enc.values, indices=enc.indices,
-            aux_values=enc.aux_values, aux_indices=enc.aux_indices,
+            recon=recon,
+            values=enc.values,
+            indices=enc.indices,
+            aux_values=enc.aux_values,
+            aux_indices=enc.aux_indices,
         )
 
     def _loss_2d(self, x, y, *, dead_mask, coeffs) -> LossOutput:
@@ -222,9 +236,13 @@ class JumpReLUSAE(SAE):
         out = self._forward_2d(x, dead_mask=dead_mask, k_aux=0)
         mse = ref.mse(out.recon, y)
         terms = {"mse": mse}
-        terms["l0"] = coeffs["l0_coeff"] * ref.l0_step(out.pre, self.threshold, self.cfg.jumprelu_bandwidth)
+        terms["l0"] = coeffs["l0_coeff"] * ref.l0_step(
+            out.pre, self.threshold, self.cfg.jumprelu_bandwidth
+        )
         if coeffs["l0_tanh_coeff"]:
-            terms["l0_tanh"] = coeffs["l0_tanh_coeff"] * ref.l0_tanh(out.codes, self.W_dec, coeffs["tanh_c"])
+            terms["l0_tanh"] = coeffs["l0_tanh_coeff"] * ref.l0_tanh(
+                out.codes, self.W_dec, coeffs["tanh_c"]
+            )
         return LossOutput(loss=sum(terms.values()), terms=terms, output=out)
 
 
@@ -269,7 +287,9 @@ class GatedSAE(SAE):
         self.r_mag = nn.Parameter(torch.zeros(self.d_sae, dtype=dtype))
 
     def _gate_and_magnitude(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        base = ops.pre_activations(x, self.W_enc, torch.zeros_like(self.b_gate), self._encoder_input(x))
+        base = ops.pre_activations(
+            x, self.W_enc, torch.zeros_like(self.b_gate), self._encoder_input(x)
+        )
         return base + self.b_gate, base * self.r_mag.exp() + self.b_mag
 
     def _encode_2d(self, x: Tensor) -> Tensor:
@@ -306,5 +326,7 @@ _CLASSES: dict[str, type[SAE]] = {
 def sae_class(architecture: str) -> type[SAE]:
     """The class for a fastsae architecture name."""
     if architecture not in _CLASSES:
-        raise ValueError(f"architecture={architecture!r} is unknown; allowed: {', '.join(_CLASSES)}")
+        raise ValueError(
+            f"architecture={architecture!r} is unknown; allowed: {', '.join(_CLASSES)}"
+        )
     return _CLASSES[architecture]

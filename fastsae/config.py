@@ -34,11 +34,15 @@ def dtype_from_name(name: str | torch.dtype) -> torch.dtype:
     """
     if isinstance(name, torch.dtype):
         if not name.is_floating_point:
-            raise TypeError(f"dtype={name} is not a floating dtype; allowed: {', '.join(_FLOAT_DTYPES)}")
+            raise TypeError(
+                f"dtype={name} is not a floating dtype; allowed: {', '.join(_FLOAT_DTYPES)}"
+            )
         return name
     key = str(name).removeprefix("torch.")
     if key not in _FLOAT_DTYPES:
-        raise TypeError(f"dtype={name!r} is not a floating dtype; allowed: {', '.join(_FLOAT_DTYPES)}")
+        raise TypeError(
+            f"dtype={name!r} is not a floating dtype; allowed: {', '.join(_FLOAT_DTYPES)}"
+        )
     return _FLOAT_DTYPES[key]
 
 
@@ -151,7 +155,9 @@ class SAEConfig:
         if not widths or widths[-1] != self.d_sae:
             widths.append(self.d_sae)
         if any(not _is_int(w) or w < 1 for w in widths):
-            raise ValueError(f"matryoshka_widths={self.matryoshka_widths} must be positive integers")
+            raise ValueError(
+                f"matryoshka_widths={self.matryoshka_widths} must be positive integers"
+            )
         if any(a >= b for a, b in zip(widths, widths[1:], strict=False)):
             raise ValueError(
                 f"matryoshka_widths={self.matryoshka_widths} must be strictly increasing and "
@@ -176,5 +182,7 @@ class SAEConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         extra = sorted(set(data) - names)
         if extra:
-            raise ValueError(f"unknown SAEConfig fields: {', '.join(extra)}; allowed: {', '.join(sorted(names))}")
+            raise ValueError(
+                f"unknown SAEConfig fields: {', '.join(extra)}; allowed: {', '.join(sorted(names))}"
+            )
         return cls(**data)

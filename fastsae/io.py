@@ -207,7 +207,9 @@ def _read_tensors(path: Path) -> dict[str, Tensor]:
         raise ValueError(f"{path} is not a readable safetensors file: {e}") from None
 
 
-def _check_tensors(path: Path, tensors: dict[str, Tensor], expected: dict[str, tuple[int, ...]]) -> None:
+def _check_tensors(
+    path: Path, tensors: dict[str, Tensor], expected: dict[str, tuple[int, ...]]
+) -> None:
     missing = sorted(set(expected) - set(tensors))
     extra = sorted(set(tensors) - set(expected))
     wrong = [
@@ -284,7 +286,13 @@ def _load_saelens(path: Path, device: str | torch.device | None):
 
 
 def _clean_meta(meta: dict[str, Any]) -> dict[str, Any]:
-    skip = {"sae_lens_version", "sae_lens_training_version", "hook_name", "model_name", "hook_name_out"}
+    skip = {
+        "sae_lens_version",
+        "sae_lens_training_version",
+        "hook_name",
+        "model_name",
+        "hook_name_out",
+    }
     return {k: v for k, v in meta.items() if k not in skip}
 
 
@@ -317,7 +325,9 @@ def _load_sparsify(path: Path, device: str | torch.device | None):
     raw = _read_json(cfg_path)
     activation = raw.get("activation", "topk")
     if activation != "topk":
-        raise ValueError(f"{cfg_path}: sparsify activation={activation!r} is not supported; allowed: topk")
+        raise ValueError(
+            f"{cfg_path}: sparsify activation={activation!r} is not supported; allowed: topk"
+        )
     d_in = _int_field(raw, "d_in", cfg_path)
     d_sae = raw.get("num_latents") or d_in * raw.get("expansion_factor", 32)
     weights_path = path / SPARSIFY_WEIGHTS
@@ -332,13 +342,22 @@ def _load_sparsify(path: Path, device: str | torch.device | None):
         apply_b_dec_to_input=not raw.get("transcode", False),
         dtype=str(dtype).removeprefix("torch."),
     )
-    expected = {"encoder.weight": (d_sae, d_in), "encoder.bias": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
+    expected = {
+        "encoder.weight": (d_sae, d_in),
+        "encoder.bias": (d_sae,),
+        "W_dec": (d_sae, d_in),
+        "b_dec": (d_in,),
+    }
     if cfg.skip_connection:
         expected["W_skip"] = (d_in, d_in)
     _check_tensors(weights_path, tensors, expected)
     sae = SAE.from_config(cfg)
-    state = {"W_enc": tensors["encoder.weight"].T, "b_enc": tensors["encoder.bias"],
-             "W_dec": tensors["W_dec"], "b_dec": tensors["b_dec"]}
+    state = {
+        "W_enc": tensors["encoder.weight"].T,
+        "b_enc": tensors["encoder.bias"],
+        "W_dec": tensors["W_dec"],
+        "b_dec": tensors["b_dec"],
+    }
     if cfg.skip_connection:
         state["W_skip"] = tensors["W_skip"]
     _assign(sae, state)
@@ -365,7 +384,9 @@ def load(path: str | Path, *, device: str | torch.device | None = None, dtype: s
     elif (path / SPARSIFY_WEIGHTS).exists():
         sae = _load_sparsify(path, device)
     else:
-        raise ValueError(f"{path}: found no weights ({WEIGHTS} for SAELens/fastsae, {SPARSIFY_WEIGHTS} for sparsify)")
+        raise ValueError(
+            f"{path}: found no weights ({WEIGHTS} for SAELens/fastsae, {SPARSIFY_WEIGHTS} for sparsify)"
+        )
     if target_dtype is not None:
         sae = sae.to(target_dtype)
         sae.cfg.dtype = str(target_dtype).removeprefix("torch.")

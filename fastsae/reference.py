@@ -52,9 +52,7 @@ __all__ = [
 # ---------------------------------------------------------------------------------------------
 
 
-def pre_activations(
-    x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor | None = None
-) -> Tensor:
+def pre_activations(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor | None = None) -> Tensor:
     """Encoder pre-activations ``(x - b_dec) @ W_enc + b_enc``.
 
     Args:

@@ -76,7 +76,9 @@ class SAE(nn.Module):
         if cfg is None:
             cfg = SAEConfig(architecture=self.architecture, **kwargs)
         elif kwargs:
-            raise TypeError(f"pass either cfg or keyword arguments, not both (got {sorted(kwargs)})")
+            raise TypeError(
+                f"pass either cfg or keyword arguments, not both (got {sorted(kwargs)})"
+            )
         if cfg.architecture != self.architecture:
             raise ValueError(
                 f"{type(self).__name__} needs architecture={self.architecture!r}, got {cfg.architecture!r}"
@@ -151,7 +153,9 @@ class SAE(nn.Module):
         if not isinstance(x, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
         if x.ndim == 0 or x.shape[-1] != width:
-            raise ValueError(f"{name} has shape {tuple(x.shape)}; its last dimension must be {width}")
+            raise ValueError(
+                f"{name} has shape {tuple(x.shape)}; its last dimension must be {width}"
+            )
         if not x.is_floating_point():
             raise TypeError(f"{name} has dtype {x.dtype}; a floating dtype is required")
         lead = tuple(x.shape[:-1])
@@ -198,7 +202,10 @@ class SAE(nn.Module):
         lead = tuple(values.shape[:-1])
         k = values.shape[-1]
         out = ops.sparse_decode(
-            values.reshape(-1, k).to(self.dtype), indices.reshape(-1, k).long(), self.W_dec, self.b_dec
+            values.reshape(-1, k).to(self.dtype),
+            indices.reshape(-1, k).long(),
+            self.W_dec,
+            self.b_dec,
         )
         out = self._maybe_skip(out, x, lead)
         return out.reshape(*lead, self.d_out)
@@ -219,12 +226,13 @@ class SAE(nn.Module):
         ``dead_mask [d_sae]`` and ``k_aux`` request the AuxK candidates (top-k family only).
         """
         x2, lead = self._flatten(x, self.d_in)
-        if dead_mask is not None:
-            if dead_mask.shape != (self.d_sae,) or dead_mask.dtype != torch.bool:
-                raise ValueError(
-                    f"dead_mask must be a bool tensor of shape ({self.d_sae},), got "
-                    f"{dead_mask.dtype} {tuple(dead_mask.shape)}"
-                )
+        if dead_mask is not None and (
+            dead_mask.shape != (self.d_sae,) or dead_mask.dtype != torch.bool
+        ):
+            raise ValueError(
+                f"dead_mask must be a bool tensor of shape ({self.d_sae},), got "
+                f"{dead_mask.dtype} {tuple(dead_mask.shape)}"
+            )
         out = self._forward_2d(x2, dead_mask=dead_mask, k_aux=k_aux)
         return _unflatten(out, lead)
 
@@ -251,7 +259,9 @@ class SAE(nn.Module):
         x2, lead = self._flatten(x, self.d_in)
         if y is None:
             if self.d_out != self.d_in:
-                raise ValueError(f"a transcoder (d_out={self.d_out} != d_in={self.d_in}) needs a target y")
+                raise ValueError(
+                    f"a transcoder (d_out={self.d_out} != d_in={self.d_in}) needs a target y"
+                )
             y2 = x2
         else:
             y2, y_lead = self._flatten(y, self.d_out, "y")
@@ -269,7 +279,9 @@ class SAE(nn.Module):
     def _forward_2d(self, x: Tensor, *, dead_mask: Tensor | None, k_aux: int) -> SAEOutput:
         raise NotImplementedError
 
-    def _loss_2d(self, x: Tensor, y: Tensor, *, dead_mask: Tensor | None, coeffs: dict) -> LossOutput:
+    def _loss_2d(
+        self, x: Tensor, y: Tensor, *, dead_mask: Tensor | None, coeffs: dict
+    ) -> LossOutput:
         raise NotImplementedError
 
     # -- files ----------------------------------------------------------------------------------
