@@ -13,6 +13,7 @@ batch_topk = ref.batch_topk
 jumprelu = ref.jumprelu
 dense_decode = ref.dense_decode
 sparse_decode = ref.sparse_decode
+sparse_encoder_backward = ref.sparse_encoder_backward
 
 
 def encode_topk(
