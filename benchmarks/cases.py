@@ -107,4 +107,47 @@ def encoder_backward(B: int, d: int, n: int, k: int) -> Case:
     )
 
 
-CASES = [sparse_decode_fwd_bwd, encoder_backward]
+def encode_topk_fwd(B: int, d: int, n: int, k: int) -> Case:
+    """Encode + top-k (inference: no grad) against ``addmm`` + ``torch.topk`` on the dense
+    pre-activations, and against the ``addmm`` alone: the physical floor of an exact TopK."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator(device="cpu").manual_seed(2)
+    x = torch.randn(B, d, generator=g).to(device)
+    W_enc = (torch.randn(d, n, generator=g) / d**0.5).to(device)
+    b_enc = torch.zeros(n, device=device)
+
+    def fastsae_provider(backend: str):
+        def run():
+            with torch.no_grad(), ops.use_backend(backend):
+                ops.encode_topk(x, W_enc, b_enc, k)
+
+        return run
+
+    def addmm_topk():
+        torch.topk(torch.addmm(b_enc, x, W_enc), k, dim=-1)
+
+    def addmm():
+        torch.addmm(b_enc, x, W_enc)
+
+    providers = {f"fastsae-{b}": fastsae_provider(b) for b in _backends()}
+    providers["addmm+topk"] = addmm_topk
+    providers["addmm-floor"] = addmm
+    return Case(
+        name="encode_topk_fwd",
+        mode="fwd",
+        shapes={"B": B, "d": d, "n": n, "k": k},
+        providers=providers,
+        flops=2 * B * d * n,
+        # read x and W_enc, write B*k values and indices; the [B, n] matrix is never written
+        bytes=4 * (B * d + d * n + 2 * B * k),
+        baseline="addmm-floor",
+    )
+
+
+def cases(suite: str) -> list[Case]:
+    """Every case of ``suite`` (``smoke`` or ``full``)."""
+    size = SIZES[suite]
+    out = [sparse_decode_fwd_bwd(**size), encoder_backward(**size)]
+    widths = [size["n"]] if suite == "smoke" else [16384, 65536]
+    out += [encode_topk_fwd(size["B"], size["d"], n, size["k"]) for n in widths]
+    return out

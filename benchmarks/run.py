@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from benchmarks.cases import CASES, SIZES
+from benchmarks.cases import SIZES, cases
 from benchmarks.harness import environment, measure, record
 
 
@@ -21,8 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     repeats = args.repeats or (3 if args.suite == "smoke" else 7)
     env = environment()
     rows = []
-    for build in CASES:
-        case = build(**SIZES[args.suite])
+    for case in cases(args.suite):
         case_rows = measure(case, repeats=repeats)
         for row in case_rows:
             row["suite"] = args.suite

@@ -37,13 +37,6 @@ __all__ = [
 ]
 
 
-def _dense_to_sparse(codes: Tensor) -> tuple[Tensor, Tensor]:
-    """Non-negative dense codes ``[B, n]`` -> ``(values, indices)`` ``[B, w]``, where ``w`` is the
-    largest number of non-zeros in any row (at least 1). Shorter rows are padded with zeros."""
-    width = max(1, int((codes != 0).sum(-1).max())) if codes.numel() else 1
-    return ref.topk(codes, min(width, codes.shape[-1]))
-
-
 def _auxk_term(
     sae: SAE,
     aux_values: Tensor | None,
@@ -123,7 +116,8 @@ class TopKSAE(SAE):
 class BatchTopKSAE(SAE):
     """BatchTopK SAE (Bussmann et al. 2024): ``k`` active latents per token *on average*.
 
-    In training mode the ``round(k * B)`` largest activations of the batch are kept. In eval mode
+    In training mode the ``round(k * B)`` largest activations of the batch are kept
+    (:func:`fastsae.ops.encode_batch_topk`: sparse, with a sparse backward). In eval mode
     (``sae.eval()``) each latent fires when its pre-activation exceeds the learned scalar
     ``topk_threshold``, which :meth:`update_threshold` tracks as an EMA of the smallest kept
     activation. Saved for SAELens as a ``jumprelu`` SAE with that threshold, as SAELens does.
@@ -136,51 +130,77 @@ class BatchTopKSAE(SAE):
         # float64: an EMA in bf16/fp32 of values near 1e-2 drifts (SAELens keeps it in double too).
         self.register_buffer("topk_threshold", torch.zeros((), dtype=torch.float64))
 
-    def _codes(self, pre: Tensor) -> Tensor:
-        if self.training:
-            return ops.batch_topk(pre, self.cfg.k)
-        threshold = self.topk_threshold.to(pre.dtype).expand(self.d_sae)
-        return torch.relu(ops.jumprelu(pre, threshold, self.cfg.jumprelu_bandwidth))
+    def _threshold(self, dtype: torch.dtype) -> Tensor:
+        return self.topk_threshold.to(dtype).expand(self.d_sae)
 
     def encode_sparse(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """``(values, indices)`` padded to the busiest row's count: ``[..., w]`` each."""
         x2, lead = self._flatten(x, self.d_in)
-        values, indices = _dense_to_sparse(self._encode_2d(x2))
+        b_dec = self._encoder_input(x2)
+        if self.training:
+            enc = ops.encode_batch_topk(x2, self.W_enc, self.b_enc, self.cfg.k, b_dec=b_dec)
+            values, indices = enc.values, enc.indices
+        else:
+            values, indices = ops.encode_jumprelu(
+                x2, self.W_enc, self.b_enc, self._threshold(x2.dtype), b_dec=b_dec
+            )
         return values.reshape(*lead, -1), indices.reshape(*lead, -1)
 
     def _encode_2d(self, x: Tensor) -> Tensor:
-        return self._codes(self._pre(x))
+        if self.training:
+            out = self._forward_2d(x, dead_mask=None, k_aux=0)
+            return ref.sparse_to_dense(out.values, out.indices, self.d_sae)
+        return self._forward_2d(x, dead_mask=None, k_aux=0).codes
 
     def _forward_2d(self, x: Tensor, *, dead_mask: Tensor | None, k_aux: int) -> SAEOutput:
-        pre = self._pre(x)
-        codes = self._codes(pre)
-        recon = self._add_skip(ops.dense_decode(codes, self.W_dec, self.b_dec), x)
-        return SAEOutput(recon=recon, codes=codes, pre=pre)
-
-    def _aux_candidates(self, pre: Tensor, dead_mask: Tensor | None, k_aux: int):
-        if dead_mask is None or not bool(dead_mask.any()):
-            return None, None, 0
-        n_dead = int(dead_mask.sum())
-        masked = torch.where(dead_mask, pre, torch.full_like(pre, float("-inf")))
-        _, idx = ref.topk(masked.detach(), min(k_aux, n_dead))
-        return torch.relu(pre.gather(-1, idx)), idx, n_dead
+        b_dec = self._encoder_input(x)
+        if not self.training:
+            pre = self._pre(x)
+            codes = torch.relu(
+                ops.jumprelu(pre, self._threshold(pre.dtype), self.cfg.jumprelu_bandwidth)
+            )
+            recon = self._add_skip(ops.dense_decode(codes, self.W_dec, self.b_dec), x)
+            return SAEOutput(recon=recon, codes=codes, pre=pre)
+        enc = ops.encode_batch_topk(
+            x, self.W_enc, self.b_enc, self.cfg.k, b_dec=b_dec, dead_mask=dead_mask, k_aux=k_aux
+        )
+        recon = self._add_skip(
+            ops.sparse_decode(enc.values, enc.indices, self.W_dec, self.b_dec), x
+        )
+        return SAEOutput(
+            recon=recon,
+            values=enc.values,
+            indices=enc.indices,
+            aux_values=enc.aux_values,
+            aux_indices=enc.aux_indices,
+        )
 
     def _loss_2d(self, x, y, *, dead_mask, coeffs) -> LossOutput:
-        out = self._forward_2d(x, dead_mask=dead_mask, k_aux=0)
-        mse = ref.mse(out.recon, y)
         k_aux = _default_k_aux(self, coeffs["k_aux"])
-        aux_values, aux_indices, n_dead = self._aux_candidates(out.pre, dead_mask, k_aux)
-        aux = _auxk_term(self, aux_values, aux_indices, y - out.recon, n_dead, k_aux)
+        out = self._forward_2d(x, dead_mask=dead_mask, k_aux=k_aux if dead_mask is not None else 0)
+        mse = ref.mse(out.recon, y)
+        n_dead = 0 if dead_mask is None else int(dead_mask.sum())
+        if out.pre is not None:  # eval mode: dense pre-activations are at hand
+            out.aux_values, out.aux_indices = self._aux_from_dense(out.pre, dead_mask, k_aux)
+        aux = _auxk_term(self, out.aux_values, out.aux_indices, y - out.recon, n_dead, k_aux)
         terms = {"mse": mse, "auxk": coeffs["aux_coeff"] * aux}
         terms.update(self._extra_terms(x, y, out))
         return LossOutput(loss=sum(terms.values()), terms=terms, output=out)
+
+    def _aux_from_dense(self, pre: Tensor, dead_mask: Tensor | None, k_aux: int):
+        if dead_mask is None or not bool(dead_mask.any()):
+            return None, None
+        masked = torch.where(dead_mask, pre, torch.full_like(pre, float("-inf")))
+        _, idx = ref.topk(masked.detach(), min(k_aux, int(dead_mask.sum())))
+        return torch.relu(pre.gather(-1, idx)), idx
 
     def _extra_terms(self, x: Tensor, y: Tensor, out: SAEOutput) -> dict[str, Tensor]:
         return {}
 
     @torch.no_grad()
     def update_threshold(self, codes: Tensor, lr: float = 0.01) -> None:
-        """EMA update of ``topk_threshold`` towards the smallest positive activation in ``codes``."""
+        """EMA update of ``topk_threshold`` towards the smallest positive activation in ``codes``
+        (dense codes, or the ``values`` of sparse ones)."""
         positive = codes[codes > 0]
         if positive.numel():
             smallest = positive.min().to(torch.float64)
@@ -197,9 +217,12 @@ class MatryoshkaBatchTopKSAE(BatchTopKSAE):
     def _extra_terms(self, x: Tensor, y: Tensor, out: SAEOutput) -> dict[str, Tensor]:
         terms = {}
         for width in self.cfg.matryoshka_widths[:-1]:
-            partial = ops.dense_decode(out.codes[:, :width], self.W_dec[:width], self.b_dec)
-            partial = self._add_skip(partial, x)
-            terms[f"mse_prefix_{width}"] = ref.mse(partial, y)
+            if out.codes is not None:
+                partial = ops.dense_decode(out.codes[:, :width], self.W_dec[:width], self.b_dec)
+            else:  # keep only the latents of the prefix; the rest become zero-valued padding
+                inside = out.values * (out.indices < width)
+                partial = ops.sparse_decode(inside, out.indices, self.W_dec, self.b_dec)
+            terms[f"mse_prefix_{width}"] = ref.mse(self._add_skip(partial, x), y)
         return terms
 
 
@@ -218,6 +241,16 @@ class JumpReLUSAE(SAE):
         self.threshold = nn.Parameter(
             torch.full((self.d_sae,), self.cfg.jumprelu_init_threshold, dtype=self.cfg.torch_dtype)
         )
+
+    def encode_sparse(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Inference: ``(values, indices)`` padded to the busiest row's count, ``[..., w]`` each,
+        from :func:`fastsae.ops.encode_jumprelu` (no gradient; training uses the dense STE path,
+        which needs the pre-activations near the threshold)."""
+        x2, lead = self._flatten(x, self.d_in)
+        values, indices = ops.encode_jumprelu(
+            x2, self.W_enc, self.b_enc, self.threshold.detach(), b_dec=self._encoder_input(x2)
+        )
+        return values.reshape(*lead, -1), indices.reshape(*lead, -1)
 
     def _codes(self, pre: Tensor) -> Tensor:
         # The outer relu matches SAELens (relu(pre) * 1[pre > threshold]) for a negative threshold.

@@ -40,6 +40,8 @@ __all__ = [
     "EncodeTopKOutput",
     "batch_topk",
     "dense_decode",
+    "encode_batch_topk",
+    "encode_jumprelu",
     "encode_topk",
     "get_backend",
     "implementation_of",
@@ -171,6 +173,45 @@ def encode_topk(
         ``W_enc``, ``b_enc`` and ``b_dec``.
     """
     return _call("encode_topk", x, W_enc, b_enc, k, b_dec=b_dec, dead_mask=dead_mask, k_aux=k_aux)
+
+
+def encode_batch_topk(
+    x: Tensor,
+    W_enc: Tensor,
+    b_enc: Tensor,
+    k: float,
+    *,
+    b_dec: Tensor | None = None,
+    dead_mask: Tensor | None = None,
+    k_aux: int = 0,
+) -> EncodeTopKOutput:
+    """BatchTopK encode: keep the ``round(k * B)`` largest ReLU'd pre-activations of the batch.
+
+    Rows keep different numbers of latents, so ``values``/``indices`` are ``[B, w]`` with ``w`` the
+    busiest row's count; zero values are padding. Ties: lower flat index ``b * n + i`` first, as
+    :func:`fastsae.reference.batch_topk`. AuxK candidates as in :func:`encode_topk`.
+    """
+    return _call(
+        "encode_batch_topk", x, W_enc, b_enc, k, b_dec=b_dec, dead_mask=dead_mask, k_aux=k_aux
+    )
+
+
+def encode_jumprelu(
+    x: Tensor,
+    W_enc: Tensor,
+    b_enc: Tensor,
+    threshold: Tensor,
+    *,
+    b_dec: Tensor | None = None,
+    k_cap: int = 64,
+):
+    """JumpReLU inference encode (no gradient): every latent with ``pre > threshold`` and
+    ``pre > 0``, as padded sparse codes ``(values [B, w], indices [B, w])``.
+
+    ``k_cap`` is the first guess of the busiest row's count; it doubles until no row is cut off,
+    so the result is always exact.
+    """
+    return _call("encode_jumprelu", x, W_enc, b_enc, threshold, b_dec=b_dec, k_cap=k_cap)
 
 
 def batch_topk(pre: Tensor, k: float) -> Tensor:

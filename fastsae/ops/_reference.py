@@ -36,3 +36,23 @@ def encode_topk(
         _, aux_indices = ref.topk(masked.detach(), k_eff)
         aux_values = torch.relu(pre.gather(-1, aux_indices))
     return EncodeTopKOutput(values, indices, aux_values, aux_indices)
+
+
+def _dense_to_sparse(codes: Tensor) -> tuple[Tensor, Tensor]:
+    width = max(1, int((codes != 0).sum(-1).max())) if codes.numel() else 1
+    return ref.topk(codes, min(width, codes.shape[-1]))
+
+
+def encode_batch_topk(x, W_enc, b_enc, k, *, b_dec=None, dead_mask=None, k_aux=0):
+    """Dense pre-activations, :func:`fastsae.reference.batch_topk`, then padded sparse codes."""
+    pre = ref.pre_activations(x, W_enc, b_enc, b_dec)
+    values, indices = _dense_to_sparse(ref.batch_topk(pre, k))
+    aux = encode_topk(x, W_enc, b_enc, 1, b_dec=b_dec, dead_mask=dead_mask, k_aux=k_aux)
+    return EncodeTopKOutput(values, indices, aux.aux_values, aux.aux_indices)
+
+
+@torch.no_grad()
+def encode_jumprelu(x, W_enc, b_enc, threshold, *, b_dec=None, k_cap=64):
+    """Dense JumpReLU, then padded sparse codes."""
+    pre = ref.pre_activations(x, W_enc, b_enc, b_dec)
+    return _dense_to_sparse(torch.relu(pre * (pre > threshold)))

@@ -30,9 +30,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastsae.ops import EncodeTopKOutput, implementation_of
+from fastsae.ops._sparse_encode import make_encode_ops
 
-__all__ = ["encode_topk", "sparse_decode", "sparse_encoder_backward", "topk_tie_exact"]
+__all__ = [
+    "encode_batch_topk",
+    "encode_jumprelu",
+    "encode_topk",
+    "select_topk",
+    "sparse_decode",
+    "sparse_encoder_backward",
+    "topk_tie_exact",
+]
 
 # CSR tensors are used only as operands of products whose results are dense; the "beta" notice
 # says nothing about those and would otherwise print once per process.
@@ -148,100 +156,117 @@ def sparse_encoder_backward(
 
 
 # ------------------------------------------------------------------------------------------------
-# encode_topk: dense pre-activations in the forward (chunking comes with the fused op), but the
-# backward only touches the selected latents: nothing of size [B, n] is saved or formed.
+# Selection: chunked over latents, so the extra memory is O(B * slab), not O(B * n)
 # ------------------------------------------------------------------------------------------------
+
+#: Pre-activation elements computed at once (B * slab). 2^26 fp32 elements = 256 MiB, so at
+#: B=4096, n=262144 the peak extra memory is ~6% of the 4.3 GB the dense [B, n] matrix would take.
+SLAB_ELEMENTS = 2**26
 
 
 def topk_tie_exact(pre: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """``(selected pre-activations, indices)`` under fastsae's tie rule (descending; lower index
-    first among equals), using ``torch.topk`` and fixing only the rows where ties straddle the
-    k-th place. Values are *not* ReLU'd."""
-    top, idx = torch.topk(pre, k, dim=-1, sorted=True)
-    kth = top[..., -1:]
-    # A row needs the slow path only if it holds more copies of its k-th value than were selected.
-    ambiguous = (pre == kth).sum(-1) > (top == kth).sum(-1)
-    if bool(ambiguous.any()):
-        rows = ambiguous.nonzero().squeeze(-1)
-        _, order = torch.sort(pre[rows], dim=-1, descending=True, stable=True)
-        idx[rows] = order[..., :k]
-        top[rows] = pre[rows].gather(-1, idx[rows])
-    # Order equal values by index: sort by index, then stably by value.
+    """``(selected scores, indices)`` under fastsae's tie rule (descending; lower index first
+    among equals). Scores are *not* ReLU'd.
+
+    ``torch.topk`` does not define which of several equal values it keeps, so it is asked for
+    ``k + 1``: where the k-th and (k+1)-th values differ the chosen set is unique, and only rows
+    where they are equal (a tie straddles the cut) are redone with a stable sort. That costs no
+    extra pass over ``pre``.
+    """
+    n = pre.shape[-1]
+    top, idx = torch.topk(pre, min(k + 1, n), dim=-1, sorted=True)
+    if k < n:
+        ambiguous = top[..., k - 1] == top[..., k]
+        top, idx = top[..., :k], idx[..., :k]
+        if bool(ambiguous.any()):
+            rows = ambiguous.nonzero().squeeze(-1)
+            _, order = torch.sort(pre[rows], dim=-1, descending=True, stable=True)
+            idx[rows] = order[..., :k]
+            top[rows] = pre[rows].gather(-1, idx[rows])
+    return _order_candidates(top, idx)
+
+
+def _order_candidates(top: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
+    """Sort candidates by score descending, lower index first among equal scores."""
     by_index = torch.argsort(idx, dim=-1)
     idx, top = idx.gather(-1, by_index), top.gather(-1, by_index)
     by_value = torch.argsort(top, dim=-1, descending=True, stable=True)
     return top.gather(-1, by_value), idx.gather(-1, by_value)
 
 
-class _EncodeTopK(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, W_enc, b_enc, b_dec, k, dead_mask, k_aux, encoder_backward):
-        x_in = x - b_dec if b_dec is not None else x
-        pre = torch.addmm(b_enc, x_in, W_enc)
-        top, indices = topk_tie_exact(pre, k)
-        values = torch.relu(top)
-        aux_top = aux_indices = None
-        if k_aux > 0 and dead_mask is not None and bool(dead_mask.any()):
-            k_eff = min(k_aux, int(dead_mask.sum()))
-            pre.masked_fill_(~dead_mask, float("-inf"))
-            aux_top, aux_indices = topk_tie_exact(pre, k_eff)
-        del pre
-        aux_values = torch.relu(aux_top) if aux_top is not None else values.new_zeros(x.shape[0], 0)
-        if aux_indices is None:
-            aux_indices = indices.new_zeros(x.shape[0], 0)
-        ctx.mark_non_differentiable(indices, aux_indices)
-        ctx.save_for_backward(x_in, W_enc, indices, values, aux_indices, aux_values)
-        ctx.has_b_dec = b_dec is not None
-        ctx.encoder_backward = encoder_backward
-        return values, indices, aux_values, aux_indices
-
-    @staticmethod
-    def backward(ctx, grad_values, _gi, grad_aux, _gai):
-        x_in, W_enc, indices, values, aux_indices, aux_values = ctx.saved_tensors
-        # ReLU mask: a value clamped at zero passes no gradient to its pre-activation.
-        grad_pre = grad_values * (values > 0)
-        if aux_indices.shape[1]:
-            indices = torch.cat([indices, aux_indices], dim=1)
-            grad_pre = torch.cat([grad_pre, grad_aux * (aux_values > 0)], dim=1)
-        need_x = ctx.needs_input_grad[0]
-        grad_W_enc, grad_b_enc, grad_x = ctx.encoder_backward(
-            x_in, indices, grad_pre.contiguous(), W_enc, need_grad_x=need_x
-        )
-        grad_b_dec = None
-        if ctx.has_b_dec and ctx.needs_input_grad[3]:
-            # pre = (x - b_dec) @ W_enc + b_enc  =>  d/d b_dec = -(sum_b grad_pre_b) @ W_enc.T,
-            # and sum_b grad_pre_b is grad_b_enc: no per-token work (OpenAI's pre-bias trick).
-            grad_b_dec = -(W_enc @ grad_b_enc)
-        return (
-            grad_x,
-            grad_W_enc if ctx.needs_input_grad[1] else None,
-            grad_b_enc if ctx.needs_input_grad[2] else None,
-            grad_b_dec,
-            None,
-            None,
-            None,
-            None,
-        )
-
-
-def encode_topk(
-    x: Tensor,
+def select_topk(
+    x_in: Tensor,
     W_enc: Tensor,
     b_enc: Tensor,
     k: int,
     *,
-    b_dec: Tensor | None = None,
+    threshold: Tensor | None = None,
     dead_mask: Tensor | None = None,
     k_aux: int = 0,
-) -> EncodeTopKOutput:
-    """See :func:`fastsae.ops.encode_topk`. The backward goes through whichever
-    ``sparse_encoder_backward`` the current backend provides (Triton kernels when active)."""
-    if not 1 <= k <= W_enc.shape[1]:
-        raise ValueError(f"k={k} must be in [1, d_sae={W_enc.shape[1]}]")
-    _, encoder_backward = implementation_of("sparse_encoder_backward")
-    values, indices, aux_values, aux_indices = _EncodeTopK.apply(
-        x, W_enc, b_enc, b_dec, k, dead_mask, k_aux, encoder_backward
-    )
-    if aux_indices.shape[1] == 0:
-        aux_values = aux_indices = None
-    return EncodeTopKOutput(values, indices, aux_values, aux_indices)
+    slab: int | None = None,
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    """Top-``k`` scores per row of ``pre = x_in @ W_enc + b_enc`` without forming ``[B, n]``.
+
+    ``n`` is cut into slabs; each slab's pre-activations are computed with one ``addmm``, its
+    top-``k`` (and top-``k_aux`` among dead latents) kept, and the candidates of all slabs merged
+    with the same tie rule, so the result equals a dense ``topk`` over all of ``n``.
+
+    Args:
+        x_in: ``[B, d_in]``. W_enc: ``[d_in, n]``. b_enc: ``[n]``. k: ``1 <= k <= n``.
+        threshold: ``[n]`` or None. When given, ``score = pre`` where ``pre > threshold`` and
+            ``-inf`` elsewhere (JumpReLU selection).
+        dead_mask: ``[n]`` bool; with ``k_aux > 0`` also select among dead latents.
+        slab: latents per slab; default keeps ``B * slab <= SLAB_ELEMENTS``.
+
+    Returns:
+        ``(top [B, k], indices [B, k], aux_top [B, k_aux'] | None, aux_indices | None)``: scores
+        (not ReLU'd, ``-inf`` where a row has fewer than ``k`` finite scores) sorted descending,
+        ``k_aux' = min(k_aux, n_dead)``.
+    """
+    B, n = x_in.shape[0], W_enc.shape[1]
+    if not 1 <= k <= n:
+        raise ValueError(f"k={k} must be in [1, d_sae={n}]")
+    want_aux = k_aux > 0 and dead_mask is not None and bool(dead_mask.any())
+    k_aux = min(k_aux, int(dead_mask.sum())) if want_aux else 0
+    if slab is None:
+        slab = max(k, k_aux, SLAB_ELEMENTS // max(B, 1))
+    tops, idxs, aux_tops, aux_idxs = [], [], [], []
+    for start in range(0, n, slab):
+        stop = min(start + slab, n)
+        scores = torch.addmm(b_enc[start:stop], x_in, W_enc[:, start:stop])
+        if threshold is not None:
+            scores.masked_fill_(scores <= threshold[start:stop], float("-inf"))
+        top, idx = topk_tie_exact(scores, min(k, stop - start))
+        tops.append(top)
+        idxs.append(idx + start)
+        if k_aux:
+            live = ~dead_mask[start:stop]
+            n_dead_here = int(stop - start - live.sum())
+            if n_dead_here:
+                scores.masked_fill_(live, float("-inf"))
+                top, idx = topk_tie_exact(scores, min(k_aux, n_dead_here))
+                aux_tops.append(top)
+                aux_idxs.append(idx + start)
+        del scores
+    top, idx = _merge(tops, idxs, k)
+    if not k_aux:
+        return top, idx, None, None
+    aux_top, aux_idx = _merge(aux_tops, aux_idxs, k_aux)
+    return top, idx, aux_top, aux_idx
+
+
+def _merge(tops: list[Tensor], idxs: list[Tensor], k: int) -> tuple[Tensor, Tensor]:
+    if len(tops) == 1:
+        return tops[0], idxs[0]
+    top, idx = _order_candidates(torch.cat(tops, dim=-1), torch.cat(idxs, dim=-1))
+    return top[:, :k].contiguous(), idx[:, :k].contiguous()
+
+
+# ------------------------------------------------------------------------------------------------
+# Encoders with a sparse backward (see fastsae/ops/_sparse_encode.py)
+# ------------------------------------------------------------------------------------------------
+
+_encoders = make_encode_ops(select_topk, sparse_encoder_backward)
+encode_topk = _encoders["encode_topk"]
+encode_batch_topk = _encoders["encode_batch_topk"]
+encode_jumprelu = _encoders["encode_jumprelu"]

@@ -1,0 +1,165 @@
+"""Sparse encoders with a sparse backward, shared by the ``torch`` and ``triton`` backends.
+
+A backend supplies one selection function with the signature of
+:func:`fastsae.ops._torch.select_topk` (the chunked torch version, or the fused Triton kernel).
+:func:`make_encode_ops` builds the TopK, BatchTopK and JumpReLU encoders on top of it. Their
+backward pass touches only the selected latents: the selection runs without autograd, the values
+are ``relu(pre[indices])``, and the gradient goes to ``W_enc``, ``b_enc``, ``x`` and ``b_dec``
+through the backend's ``sparse_encoder_backward``. Nothing of size ``[B, d_sae]`` is saved for
+backward or formed in it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from fastsae.ops import EncodeTopKOutput
+
+SelectFn = Callable[..., tuple[Tensor, Tensor, Tensor | None, Tensor | None]]
+
+
+class SparseCodes(NamedTuple):
+    """Variable-count sparse codes padded to a common width: zero values are padding."""
+
+    values: Tensor
+    indices: Tensor
+
+
+class _SparseEncode(torch.autograd.Function):
+    """``values = relu(pre[indices])`` for the selected entries (``-inf`` scores are padding)."""
+
+    @staticmethod
+    def forward(ctx, x, W_enc, b_enc, b_dec, selector, encoder_backward):
+        x_in = x - b_dec if b_dec is not None else x
+        with torch.no_grad():
+            top, indices, aux_top, aux_indices = selector(x_in, W_enc, b_enc)
+        values = torch.relu(top).to(x.dtype)
+        if aux_indices is None:
+            aux_values = values.new_zeros(x.shape[0], 0)
+            aux_indices = indices.new_zeros(x.shape[0], 0)
+        else:
+            aux_values = torch.relu(aux_top).to(x.dtype)
+        ctx.mark_non_differentiable(indices, aux_indices)
+        ctx.save_for_backward(x_in, W_enc, indices, values, aux_indices, aux_values)
+        ctx.has_b_dec = b_dec is not None
+        ctx.encoder_backward = encoder_backward
+        return values, indices, aux_values, aux_indices
+
+    @staticmethod
+    def backward(ctx, grad_values, _grad_indices, grad_aux, _grad_aux_indices):
+        x_in, W_enc, indices, values, aux_indices, aux_values = ctx.saved_tensors
+        # ReLU mask: a value clamped at zero (or padding) passes no gradient to its pre-activation.
+        grad_pre = grad_values * (values > 0)
+        if aux_indices.shape[1]:
+            indices = torch.cat([indices, aux_indices], dim=1)
+            grad_pre = torch.cat([grad_pre, grad_aux * (aux_values > 0)], dim=1)
+        grad_W_enc, grad_b_enc, grad_x = ctx.encoder_backward(
+            x_in, indices, grad_pre.contiguous(), W_enc, need_grad_x=ctx.needs_input_grad[0]
+        )
+        grad_b_dec = None
+        if ctx.has_b_dec and ctx.needs_input_grad[3]:
+            # pre = (x - b_dec) @ W_enc + b_enc  =>  d/d b_dec = -(sum_b grad_pre_b) @ W_enc.T, and
+            # sum_b grad_pre_b is grad_b_enc: no per-token work (OpenAI's pre-bias trick).
+            grad_b_dec = -(W_enc @ grad_b_enc)
+        return (
+            grad_x,
+            grad_W_enc if ctx.needs_input_grad[1] else None,
+            grad_b_enc if ctx.needs_input_grad[2] else None,
+            grad_b_dec,
+            None,
+            None,
+        )
+
+
+def _encode(x, W_enc, b_enc, b_dec, selector, encoder_backward):
+    values, indices, aux_values, aux_indices = _SparseEncode.apply(
+        x, W_enc, b_enc, b_dec, selector, encoder_backward
+    )
+    if aux_indices.shape[1] == 0:
+        aux_values = aux_indices = None
+    return values, indices, aux_values, aux_indices
+
+
+def batch_topk_select(
+    select: SelectFn, x_in: Tensor, W_enc: Tensor, b_enc: Tensor, k: float, **aux
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    """Exact BatchTopK selection from per-row candidates.
+
+    Each row contributes its top ``m`` candidates; the batch keeps the ``K = round(k * B)``
+    largest ReLU'd scores among them (lower flat index ``b * n + i`` first among equals, as
+    :func:`fastsae.reference.batch_topk`). A row whose smallest candidate still reaches the
+    batch threshold might hold more winners, so ``m`` doubles until no row does. Unkept candidates
+    get a ``-inf`` score; the result is trimmed to the widest row.
+    """
+    B, n = x_in.shape[0], W_enc.shape[1]
+    K = max(1, min(round(k * B), B * n))
+    m = min(n, max(4 * math.ceil(k), 8, math.ceil(K / max(B, 1))))
+    while True:
+        top, idx, aux_top, aux_idx = select(x_in, W_enc, b_enc, m, **aux)
+        scores = torch.relu(top)
+        tau = torch.topk(scores.reshape(-1), K).values[-1]
+        smallest = scores[:, -1]
+        if m >= n or not bool(((smallest >= tau) & (smallest > 0)).any()):
+            break
+        m = min(n, 2 * m)
+    # Global top-K among candidates, lower flat index first among equal scores.
+    flat_key = (torch.arange(B, device=idx.device)[:, None] * n + idx).reshape(-1)
+    by_key = torch.argsort(flat_key)
+    by_score = torch.argsort(scores.reshape(-1)[by_key], descending=True, stable=True)
+    kept_flat = torch.zeros(B * m, dtype=torch.bool, device=idx.device)
+    kept_flat[by_key[by_score[:K]]] = True
+    kept = kept_flat.reshape(B, m)
+    top = top.masked_fill(~kept, float("-inf"))
+    width = max(1, int(kept.sum(-1).max()))
+    # Kept entries first (candidates are already in score order within a row).
+    order = torch.argsort((~kept).to(torch.int8), dim=-1, stable=True)[:, :width]
+    return top.gather(-1, order), idx.gather(-1, order), aux_top, aux_idx
+
+
+def make_encode_ops(select: SelectFn, encoder_backward: Callable) -> dict[str, Callable]:
+    """Build ``encode_topk``, ``encode_batch_topk`` and ``encode_jumprelu`` from ``select``."""
+
+    def encode_topk(x, W_enc, b_enc, k, *, b_dec=None, dead_mask=None, k_aux=0) -> EncodeTopKOutput:
+        if not 1 <= k <= W_enc.shape[1]:
+            raise ValueError(f"k={k} must be in [1, d_sae={W_enc.shape[1]}]")
+
+        def selector(x_in, W, b):
+            return select(x_in, W, b, k, dead_mask=dead_mask, k_aux=k_aux)
+
+        return EncodeTopKOutput(*_encode(x, W_enc, b_enc, b_dec, selector, encoder_backward))
+
+    def encode_batch_topk(x, W_enc, b_enc, k, *, b_dec=None, dead_mask=None, k_aux=0):
+        if not 0 < k <= W_enc.shape[1]:
+            raise ValueError(f"k={k} must be in (0, d_sae={W_enc.shape[1]}]")
+
+        def selector(x_in, W, b):
+            return batch_topk_select(select, x_in, W, b, k, dead_mask=dead_mask, k_aux=k_aux)
+
+        return EncodeTopKOutput(*_encode(x, W_enc, b_enc, b_dec, selector, encoder_backward))
+
+    @torch.no_grad()
+    def encode_jumprelu(x, W_enc, b_enc, threshold, *, b_dec=None, k_cap=64) -> SparseCodes:
+        n = W_enc.shape[1]
+        x_in = x - b_dec if b_dec is not None else x
+        k_cap = min(max(1, k_cap), n)
+        while True:
+            top, idx, _, _ = select(x_in, W_enc, b_enc, k_cap, threshold=threshold)
+            # Every row's last slot empty means no row was cut off at k_cap.
+            if k_cap >= n or not bool(torch.isfinite(top[:, -1]).any()):
+                break
+            k_cap = min(n, 2 * k_cap)
+        finite = torch.isfinite(top)
+        width = max(1, int(finite.sum(-1).max()))
+        values = torch.relu(top[:, :width]).to(x.dtype)
+        return SparseCodes(values, idx[:, :width])
+
+    return {
+        "encode_topk": encode_topk,
+        "encode_batch_topk": encode_batch_topk,
+        "encode_jumprelu": encode_jumprelu,
+    }
