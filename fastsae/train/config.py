@@ -1,0 +1,281 @@
+"""``TrainConfig``: every training option, validated before any model or data is touched.
+
+The CLI (``python -m fastsae.train``) generates one ``--flag`` per field from this dataclass, so
+``--help`` documents each field with its default. Named presets (:data:`PRESETS`) are partial
+configs applied before the flags.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from fastsae.config import ARCHITECTURES, TOPK_FAMILY
+from fastsae.ops import BACKENDS
+
+__all__ = ["PRESETS", "TrainConfig", "default_lr", "load_config_file"]
+
+#: Learning rate at 2^14 latents; the default scales as 1 / sqrt(d_sae / 2^14) (Gao et al. 2024).
+BASE_LR = 4e-4
+
+
+def default_lr(d_sae: int) -> float:
+    return BASE_LR / math.sqrt(d_sae / 2**14)
+
+
+@dataclass
+class TrainConfig:
+    """Training configuration: the SAE, its data, the optimizer and the run."""
+
+    # -- the SAE ---------------------------------------------------------------------------------
+    architecture: str = "topk"
+    """SAE architecture: topk, batchtopk, matryoshka_batchtopk, jumprelu, relu or gated."""
+    d_sae: int = 4096
+    """Number of latents."""
+    k: float | None = 32
+    """Active latents per token (topk: exact; batchtopk/matryoshka: batch average)."""
+    d_in: int | None = None
+    """Input width; None: taken from the hook's activations."""
+    d_out: int | None = None
+    """Output width for transcoders; None: d_in, or the output hook's width."""
+    skip_connection: bool = False
+    """Add a linear skip W_skip (skip-transcoders)."""
+    matryoshka_widths: list[int] = field(default_factory=list)
+    """Nested prefix widths for matryoshka_batchtopk."""
+    jumprelu_bandwidth: float = 0.001
+    """Rectangle-kernel bandwidth of the JumpReLU straight-through estimator."""
+    jumprelu_init_threshold: float = 0.001
+    """Initial JumpReLU threshold."""
+    normalize_decoder: bool | None = None
+    """Keep decoder rows at unit norm and remove the gradient component parallel to them.
+    None: on for the top-k family, off for L1/L0-penalised architectures (their penalty is
+    weighted by decoder norms)."""
+    init_b_dec: Literal["geometric_median", "mean", "zeros"] = "geometric_median"
+    """How b_dec is initialised from the first batch (SAEs only; transcoders start at zero)."""
+    normalize_activations: bool = True
+    """Scale inputs so that E||x|| = sqrt(d_in), estimated up front; folded into the saved weights."""
+
+    # -- losses ----------------------------------------------------------------------------------
+    aux_coeff: float = 1 / 32
+    """AuxK coefficient (top-k family)."""
+    k_aux: int | None = None
+    """Dead latents used by AuxK per token; None: d_out // 2."""
+    dead_tokens: int = 10_000_000
+    """A latent that has not fired for this many tokens counts as dead."""
+    l1_coeff: float = 1.0
+    """L1 coefficient (relu, gated)."""
+    l0_coeff: float = 1.0
+    """L0 coefficient (jumprelu)."""
+    sparsity_warmup_steps: int = 0
+    """Linear warm-up of the L1/L0 coefficient from 0."""
+    topk_threshold_lr: float = 0.01
+    """EMA rate of the BatchTopK inference threshold."""
+
+    # -- optimizer ---------------------------------------------------------------------------------
+    lr: float | None = None
+    """Adam learning rate; None: 4e-4 / sqrt(d_sae / 2^14)."""
+    beta1: float = 0.9
+    """Adam beta1."""
+    beta2: float = 0.999
+    """Adam beta2."""
+    warmup_steps: int = 100
+    """Linear learning-rate warm-up."""
+    decay_start: float = 0.8
+    """Fraction of training after which the learning rate decays linearly to 0."""
+    grad_clip: float | None = None
+    """Clip the global gradient norm to this value; None: no clipping."""
+    optimizer_in_backward: bool | None = None
+    """Step Adam on each parameter as soon as its gradient is ready and free that gradient, so the
+    gradients of W_enc and W_dec never coexist (saves one d_sae x d matrix). None: on when the
+    run would not fit the device otherwise. Incompatible with grad_clip."""
+    autocast: Literal["none", "bf16"] = "none"
+    """Mixed precision for the SAE forward/backward."""
+
+    # -- data --------------------------------------------------------------------------------------
+    model: str = "embedded"
+    """Model: 'embedded' (the tiny model shipped with fastsae), a TransformerLens model name, or a
+    HF model path."""
+    hook: str = "blocks.1.hook_resid_post"
+    """Hook (TransformerLens) or module path (HF) whose activations the SAE reads."""
+    hook_out: str | None = None
+    """Output hook for transcoders."""
+    dataset: str | None = None
+    """Text: None for the embedded corpus, a local file, or a HF dataset name."""
+    cache_dir: str | None = None
+    """Read activations from a fastsae activation cache instead of running the model."""
+    context_size: int = 128
+    """Tokens per sequence."""
+    buffer_tokens: int = 65536
+    """Tokens held in the shuffler's mixing buffer."""
+    model_batch_size: int = 32
+    """Sequences per model forward pass."""
+
+    # -- the run -----------------------------------------------------------------------------------
+    total_tokens: int = 2_000_000
+    """Training tokens."""
+    batch_size: int = 4096
+    """Tokens per optimizer step."""
+    seed: int = 0
+    """Seed for the SAE initialisation and the data order."""
+    backend: str = "auto"
+    """fastsae.ops backend: auto, triton, torch or reference."""
+    device: str = "auto"
+    """cpu, cuda, cuda:N, or auto."""
+    dtype: str = "float32"
+    """Parameter dtype."""
+    out_dir: str = "runs/default"
+    """Where checkpoints, metrics.jsonl, plots and the final SAE go."""
+    eval_every: int = 0
+    """Evaluate every N steps on held-out tokens (0: only at the end)."""
+    eval_tokens: int = 16384
+    """Held-out tokens per evaluation."""
+    checkpoint_every_tokens: int = 0
+    """Write a checkpoint every N tokens (0: only at the end and on SIGINT/SIGTERM)."""
+    keep_checkpoints: int = 2
+    """Checkpoints kept on disk (oldest removed first)."""
+    log_every: int = 10
+    """Write a metrics.jsonl line every N steps."""
+    wandb: bool = False
+    """Log to Weights & Biases (only if the wandb package is installed)."""
+    progress: bool = True
+    """Show a tqdm progress bar."""
+
+    def __post_init__(self) -> None:
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(
+                f"architecture={self.architecture!r} is unknown; allowed: {', '.join(ARCHITECTURES)}"
+            )
+        if self.d_sae < 1:
+            raise ValueError(f"d_sae={self.d_sae} must be >= 1")
+        if self.architecture in TOPK_FAMILY:
+            if self.k is None or not 0 < self.k <= self.d_sae:
+                raise ValueError(f"k={self.k} must be in [1, d_sae={self.d_sae}]")
+            if self.architecture == "topk" and float(self.k) != int(self.k):
+                raise ValueError(f"k={self.k} must be an integer for architecture='topk'")
+        for name in ("batch_size", "total_tokens", "context_size", "model_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.batch_size > self.buffer_tokens and self.cache_dir is None:
+            raise ValueError(
+                f"batch_size={self.batch_size} must be <= buffer_tokens={self.buffer_tokens} "
+                "(the shuffler draws each batch from its buffer)"
+            )
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend={self.backend!r} is unknown; allowed: {', '.join(BACKENDS)}")
+        if self.autocast not in ("none", "bf16"):
+            raise ValueError(f"autocast={self.autocast!r}; allowed: none, bf16")
+        if self.init_b_dec not in ("geometric_median", "mean", "zeros"):
+            raise ValueError(
+                f"init_b_dec={self.init_b_dec!r}; allowed: geometric_median, mean, zeros"
+            )
+        if self.lr is not None and not self.lr > 0:
+            raise ValueError(f"lr={self.lr} must be > 0")
+        if not 0 <= self.decay_start <= 1:
+            raise ValueError(f"decay_start={self.decay_start} must be in [0, 1]")
+        if self.keep_checkpoints < 1:
+            raise ValueError(f"keep_checkpoints={self.keep_checkpoints} must be >= 1")
+        if self.optimizer_in_backward and self.grad_clip is not None:
+            raise ValueError(
+                "grad_clip needs every gradient at once; it cannot be combined with "
+                "optimizer_in_backward=True"
+            )
+        if self.d_in is not None and self.d_in < 1:
+            raise ValueError(f"d_in={self.d_in} must be >= 1")
+
+    # -- derived -----------------------------------------------------------------------------------
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else default_lr(self.d_sae)
+
+    @property
+    def total_steps(self) -> int:
+        return max(1, self.total_tokens // self.batch_size)
+
+    @property
+    def decoder_normalized(self) -> bool:
+        if self.normalize_decoder is not None:
+            return self.normalize_decoder
+        return self.architecture in TOPK_FAMILY
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        extra = sorted(set(data) - names)
+        if extra:
+            raise ValueError(f"unknown TrainConfig fields: {', '.join(extra)}")
+        return cls(**data)
+
+
+#: Named presets: partial configs applied before command-line flags.
+PRESETS: dict[str, dict[str, Any]] = {
+    # The default run: the embedded model and corpus, a few minutes on two CPU cores.
+    "tiny-cpu": {
+        "architecture": "topk",
+        "d_sae": 2048,
+        "k": 16,
+        "batch_size": 2048,
+        "total_tokens": 1_200_000,
+        "buffer_tokens": 32768,
+        "dead_tokens": 200_000,
+        "eval_tokens": 8192,
+        "warmup_steps": 20,
+    },
+    # Gemma-2-2B residual stream, 16k latents (needs a GPU and the model weights).
+    "gemma2-2b-16k": {
+        "architecture": "topk",
+        "model": "gemma-2-2b",
+        "hook": "blocks.12.hook_resid_post",
+        "d_sae": 16384,
+        "k": 64,
+        "batch_size": 4096,
+        "total_tokens": 500_000_000,
+        "context_size": 1024,
+        "buffer_tokens": 2**20,
+        "model_batch_size": 8,
+        "autocast": "bf16",
+        "checkpoint_every_tokens": 50_000_000,
+        "eval_every": 5000,
+    },
+    # Very wide: 2^20 latents at d_in=2304 (see docs/training.md for the memory arithmetic).
+    "gemma2-2b-1m": {
+        "architecture": "topk",
+        "model": "gemma-2-2b",
+        "hook": "blocks.12.hook_resid_post",
+        "d_sae": 2**20,
+        "k": 64,
+        "batch_size": 8192,
+        "total_tokens": 2_000_000_000,
+        "context_size": 1024,
+        "buffer_tokens": 2**21,
+        "model_batch_size": 8,
+        "autocast": "bf16",
+        "dtype": "float32",
+        "checkpoint_every_tokens": 100_000_000,
+    },
+}
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a JSON or YAML config file into a dict (validated later by :class:`TrainConfig`)."""
+    path = Path(path)
+    text = path.read_text()
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        data = yaml.safe_load(text)
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a mapping of TrainConfig fields")
+    return data

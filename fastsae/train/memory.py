@@ -1,0 +1,96 @@
+"""Up-front memory estimate for a training run: refuse before loading anything that cannot fit.
+
+All figures are bytes. The estimate counts what fastsae itself allocates on the training device:
+
+- weights: ``W_enc`` and ``W_dec`` (``2 * d_sae * d`` values, ``d = (d_in + d_out) / 2``) plus the
+  vectors, in the parameter dtype;
+- grads: the same again (``optimizer_in_backward`` keeps only one matrix's gradient at a time);
+- Adam: two fp32 moments per parameter;
+- activations: the batch and its reconstruction, the sparse codes, and the encoder's working set
+  (one latent slab of ``B x slab`` pre-activations for the top-k family; several dense
+  ``[B, d_sae]`` tensors for relu/jumprelu/gated, which need them for their penalties).
+
+The model that produces activations is not counted (it is the user's choice and can live on
+another device); the shuffler's host buffer is reported separately.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from fastsae.config import TOPK_FAMILY, dtype_from_name
+from fastsae.ops._torch import SLAB_ELEMENTS
+
+__all__ = ["MemoryEstimate", "available_bytes", "estimate"]
+
+GiB = 2**30
+
+
+@dataclass
+class MemoryEstimate:
+    weights: int
+    grads: int
+    adam: int
+    activations: int
+    host_buffer: int
+
+    @property
+    def device_total(self) -> int:
+        return self.weights + self.grads + self.adam + self.activations
+
+    def describe(self) -> str:
+        parts = [
+            f"weights {self.weights / GiB:.2f} GiB",
+            f"grads {self.grads / GiB:.2f} GiB",
+            f"Adam {self.adam / GiB:.2f} GiB",
+            f"activations {self.activations / GiB:.2f} GiB",
+        ]
+        return (
+            f"{self.device_total / GiB:.2f} GiB on the device ({', '.join(parts)}); "
+            f"shuffler buffer {self.host_buffer / GiB:.2f} GiB on the host"
+        )
+
+
+def estimate(cfg, d_in: int, d_out: int, *, optimizer_in_backward: bool = False) -> MemoryEstimate:
+    """Memory of a run of ``cfg`` (a :class:`~fastsae.train.TrainConfig`)."""
+    size = torch.empty((), dtype=dtype_from_name(cfg.dtype)).element_size()
+    n, B = cfg.d_sae, cfg.batch_size
+    matrix_values = n * d_in + n * d_out + (d_out * d_in if cfg.skip_connection else 0)
+    vector_values = 4 * n + d_out
+    params = matrix_values + vector_values
+    grads = params * size
+    if optimizer_in_backward:
+        grads = max(n * d_in, n * d_out) * size + vector_values * size
+    if cfg.architecture in TOPK_FAMILY:
+        k = int(cfg.k or 1)
+        k_aux = cfg.k_aux or d_out // 2
+        slab = max(k, SLAB_ELEMENTS // max(B, 1))
+        work = B * min(slab, n) * 4 + B * (k + k_aux) * (4 + 8) * 3
+    else:
+        work = 4 * B * n * size
+    acts = B * (d_in + 3 * d_out) * size + work
+    return MemoryEstimate(
+        weights=params * size,
+        grads=grads,
+        adam=2 * params * 4,
+        activations=acts,
+        host_buffer=cfg.buffer_tokens * (d_in + (d_out if cfg.hook_out else 0)) * 4,
+    )
+
+
+def available_bytes(device: torch.device) -> int:
+    """Free memory on ``device``: CUDA's free memory, or the host's MemAvailable."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
