@@ -89,22 +89,23 @@ def model_scores(
     target = hook_out or hook
     totals = {"ce_clean": 0.0, "ce_sae": 0.0, "ce_zero": 0.0, "kl_sae": 0.0, "kl_zero": 0.0}
     n = 0
+    captured: dict[str, Tensor] = {}
+
+    def capture(act, hook):
+        captured["x"] = act
+        return act
+
+    def splice(act, hook):
+        x = captured["x"] if hook_out else act
+        recon = sae(x.reshape(-1, x.shape[-1]).to(sae.dtype)).recon
+        return recon.reshape(act.shape).to(act.dtype)
+
+    def zero(act, hook):
+        return torch.zeros_like(act)
+
+    device = next(model.parameters()).device
     for start in range(0, tokens.shape[0], batch_size):
-        batch = tokens[start : start + batch_size].to(next(model.parameters()).device)
-        captured: dict[str, Tensor] = {}
-
-        def capture(act, hook):
-            captured["x"] = act
-            return act
-
-        def splice(act, hook):
-            x = captured["x"] if hook_out else act
-            recon = sae(x.reshape(-1, x.shape[-1]).to(sae.dtype)).recon
-            return recon.reshape(act.shape).to(act.dtype)
-
-        def zero(act, hook):
-            return torch.zeros_like(act)
-
+        batch = tokens[start : start + batch_size].to(device)
         clean = model(batch, return_type="logits")
         hooks = [(hook, capture), (target, splice)] if hook_out else [(target, splice)]
         spliced = model.run_with_hooks(batch, return_type="logits", fwd_hooks=hooks)
