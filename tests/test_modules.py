@@ -17,6 +17,12 @@ from fastsae import reference as ref
 from tests.tolerances import assert_close
 
 BACKENDS = ["reference", "torch"]
+try:  # the Triton kernels run here under TRITON_INTERPRET=1 (set in conftest), or on CUDA
+    import triton  # noqa: F401
+
+    BACKENDS.append("triton")
+except ImportError:
+    pass
 ARCHS = ["topk", "batchtopk", "matryoshka_batchtopk", "jumprelu", "relu", "gated"]
 
 

@@ -18,7 +18,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from fastsae.ops import EncodeTopKOutput
+from fastsae.ops import EncodeTopKOutput, implementation_of
 
 SelectFn = Callable[..., tuple[Tensor, Tensor, Tensor | None, Tensor | None]]
 
@@ -76,7 +76,7 @@ class _SparseEncode(torch.autograd.Function):
         )
 
 
-def _encode(x, W_enc, b_enc, b_dec, selector, encoder_backward):
+def _apply(x, W_enc, b_enc, b_dec, selector, encoder_backward):
     values, indices, aux_values, aux_indices = _SparseEncode.apply(
         x, W_enc, b_enc, b_dec, selector, encoder_backward
     )
@@ -121,8 +121,17 @@ def batch_topk_select(
     return top.gather(-1, order), idx.gather(-1, order), aux_top, aux_idx
 
 
-def make_encode_ops(select: SelectFn, encoder_backward: Callable) -> dict[str, Callable]:
-    """Build ``encode_topk``, ``encode_batch_topk`` and ``encode_jumprelu`` from ``select``."""
+def make_encode_ops(select: SelectFn) -> dict[str, Callable]:
+    """Build ``encode_topk``, ``encode_batch_topk`` and ``encode_jumprelu`` from ``select``.
+
+    Their backward uses the ``sparse_encoder_backward`` of the backend active at the call (so the
+    Triton kernels when the Triton backend is selected), resolved in the forward and kept, since
+    backward may run in another thread.
+    """
+
+    def _encode(x, W_enc, b_enc, b_dec, selector):
+        encoder_backward = implementation_of("sparse_encoder_backward")[1]
+        return _apply(x, W_enc, b_enc, b_dec, selector, encoder_backward)
 
     def encode_topk(x, W_enc, b_enc, k, *, b_dec=None, dead_mask=None, k_aux=0) -> EncodeTopKOutput:
         if not 1 <= k <= W_enc.shape[1]:
@@ -131,7 +140,7 @@ def make_encode_ops(select: SelectFn, encoder_backward: Callable) -> dict[str, C
         def selector(x_in, W, b):
             return select(x_in, W, b, k, dead_mask=dead_mask, k_aux=k_aux)
 
-        return EncodeTopKOutput(*_encode(x, W_enc, b_enc, b_dec, selector, encoder_backward))
+        return EncodeTopKOutput(*_encode(x, W_enc, b_enc, b_dec, selector))
 
     def encode_batch_topk(x, W_enc, b_enc, k, *, b_dec=None, dead_mask=None, k_aux=0):
         if not 0 < k <= W_enc.shape[1]:
@@ -140,7 +149,7 @@ def make_encode_ops(select: SelectFn, encoder_backward: Callable) -> dict[str, C
         def selector(x_in, W, b):
             return batch_topk_select(select, x_in, W, b, k, dead_mask=dead_mask, k_aux=k_aux)
 
-        return EncodeTopKOutput(*_encode(x, W_enc, b_enc, b_dec, selector, encoder_backward))
+        return EncodeTopKOutput(*_encode(x, W_enc, b_enc, b_dec, selector))
 
     @torch.no_grad()
     def encode_jumprelu(x, W_enc, b_enc, threshold, *, b_dec=None, k_cap=64) -> SparseCodes:

@@ -266,7 +266,7 @@ def _merge(tops: list[Tensor], idxs: list[Tensor], k: int) -> tuple[Tensor, Tens
 # Encoders with a sparse backward (see fastsae/ops/_sparse_encode.py)
 # ------------------------------------------------------------------------------------------------
 
-_encoders = make_encode_ops(select_topk, sparse_encoder_backward)
+_encoders = make_encode_ops(select_topk)
 encode_topk = _encoders["encode_topk"]
 encode_batch_topk = _encoders["encode_batch_topk"]
 encode_jumprelu = _encoders["encode_jumprelu"]
