@@ -86,7 +86,11 @@ class SAE(nn.Module):
         self.cfg = cfg
         dtype = cfg.torch_dtype
         d_in, d_sae, d_out = cfg.d_in, cfg.d_sae, cfg.d_out
-        self.W_enc = nn.Parameter(torch.empty(d_in, d_sae, dtype=dtype))
+        # W_enc is [d_in, d_sae] (SAELens's name and shape) but stored latent-major: the transpose
+        # view of a contiguous [d_sae, d_in] buffer. Each latent's encoder column is then
+        # contiguous, which is what the sparse backward gathers and writes (grad_W_enc comes back
+        # in this layout, so autograd does not copy it), and the encoder GEMM does not care.
+        self.W_enc = nn.Parameter(torch.empty(d_sae, d_in, dtype=dtype).T)
         self.b_enc = nn.Parameter(torch.zeros(d_sae, dtype=dtype)) if self.has_b_enc else None
         self.W_dec = nn.Parameter(torch.empty(d_sae, d_out, dtype=dtype))
         self.b_dec = nn.Parameter(torch.zeros(d_out, dtype=dtype))
