@@ -144,10 +144,65 @@ def encode_topk_fwd(B: int, d: int, n: int, k: int) -> Case:
     )
 
 
+def trainer_step(B: int, d: int, n: int, k: int) -> Case:
+    """One full ``Trainer.step`` (forward, AuxK bookkeeping, backward, decoder projection, Adam,
+    renormalisation) on random activations, against the floor of an exact TopK step measured in
+    the same run: one encoder ``addmm``, one ``torch.topk`` and one Adam step over the same
+    parameters."""
+    from fastsae.train import TrainConfig, Trainer
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator(device="cpu").manual_seed(3)
+    x = torch.randn(B, d, generator=g).to(device)
+    trainers = {}
+    for backend in _backends():
+        cfg = TrainConfig(
+            d_in=d,
+            d_sae=n,
+            k=k,
+            batch_size=B,
+            buffer_tokens=B,
+            total_tokens=10**9,
+            backend=backend,
+            device=device,
+            warmup_steps=0,
+            progress=False,
+        )
+        trainers[backend] = Trainer(cfg)
+
+    W_enc = torch.randn(d, n, generator=g).to(device) / d**0.5
+    b_enc = torch.zeros(n, device=device)
+    params = [torch.nn.Parameter(t) for t in (W_enc, b_enc, torch.randn(n, d), torch.zeros(d))]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    adam = torch.optim.Adam(params, lr=1e-9, fused=True)
+
+    def floor():
+        pre = torch.addmm(b_enc, x, W_enc)
+        torch.topk(pre, k, dim=-1)
+        del pre
+        adam.step()
+
+    providers = {f"fastsae-{b}": (lambda t=t: t.step(x)) for b, t in trainers.items()}
+    providers["floor(addmm+topk+adam)"] = floor
+    return Case(
+        name="trainer_step",
+        mode="step",
+        shapes={"B": B, "d": d, "n": n, "k": k},
+        providers=providers,
+        # TopK step cost model (PRIOR-ART): 2*B*d*n for the encoder + 8*B*k*d for the sparse rest
+        flops=2 * B * d * n + 8 * B * k * d,
+        # W_enc read by the GEMM, Adam's ~28 bytes per parameter (fp32 param, grad, 2 moments)
+        bytes=4 * d * n + 28 * (2 * d * n + n + d),
+        baseline="floor(addmm+topk+adam)",
+    )
+
+
 def cases(suite: str) -> list[Case]:
     """Every case of ``suite`` (``smoke`` or ``full``)."""
     size = SIZES[suite]
     out = [sparse_decode_fwd_bwd(**size), encoder_backward(**size)]
     widths = [size["n"]] if suite == "smoke" else [16384, 65536]
     out += [encode_topk_fwd(size["B"], size["d"], n, size["k"]) for n in widths]
+    out.append(trainer_step(**size))
     return out
