@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import nvtx
 import torch
 from torch import Tensor
 
@@ -231,23 +232,30 @@ class Trainer:
             for group in opt.param_groups:
                 group["lr"] = lr
 
-        with ops.use_backend(cfg.backend), self._autocast():
-            result = sae.loss(x, y, dead_mask=dead_mask, **self._coefficients())
-        loss_value = result.loss.item()
+        # NVTX ranges (the nvtx package works without a GPU) name each phase in Nsight and in
+        # profiling/profile_step.py's table.
+        with nvtx.annotate("sae.forward+loss", color="green"):
+            with ops.use_backend(cfg.backend), self._autocast():
+                result = sae.loss(x, y, dead_mask=dead_mask, **self._coefficients())
+            loss_value = result.loss.item()
         if not math.isfinite(loss_value):
             raise NonFiniteLossError(self.step_count + 1, loss_value)
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
-        with ops.use_backend(cfg.backend):
+        with nvtx.annotate("sae.backward", color="red"), ops.use_backend(cfg.backend):
             result.loss.backward()  # with optimizer_in_backward, Adam steps happen in here
         grad_norm = None
         if not self.optimizer_in_backward:
-            if cfg.decoder_normalized:
-                _remove_parallel_decoder_grad(sae)
-            if cfg.grad_clip is not None:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip))
-            self.optimizers[0].step()
-        self._after_update(result.output)
+            with nvtx.annotate("optimizer", color="yellow"):
+                if cfg.decoder_normalized:
+                    _remove_parallel_decoder_grad(sae)
+                if cfg.grad_clip is not None:
+                    grad_norm = float(
+                        torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
+                    )
+                self.optimizers[0].step()
+        with nvtx.annotate("bookkeeping", color="purple"):
+            self._after_update(result.output)
         self.step_count += 1
         self.tokens += x.shape[0]
         return self._metrics(result, x if y is None else y, dead, grad_norm)
