@@ -148,6 +148,10 @@ def load_checkpoint(trainer, path: str | Path) -> dict[str, Any]:
             if key.startswith("optim/"):
                 _, pname, skey = key.split("/", 2)
                 p = params[pname]
+                if value.shape == p.shape:
+                    # Moments must share the parameter's memory layout (W_enc is a transposed
+                    # view): fused Adam walks parameter and state storage in the same order.
+                    value = torch.empty_like(p, dtype=value.dtype).copy_(value)
                 # fused Adam keeps its step counters on the parameter's device
                 trainer.optimizer_of[p].state.setdefault(p, {})[skey] = value.to(p.device)
         trainer.since_fired.copy_(tensors["trainer/since_fired"])
