@@ -151,6 +151,8 @@ class TrainConfig:
             )
         if self.d_sae < 1:
             raise ValueError(f"d_sae={self.d_sae} must be >= 1")
+        if self.architecture == "topk" and isinstance(self.k, float) and self.k.is_integer():
+            self.k = int(self.k)  # "--k 32" arrives as 32.0
         if self.architecture in TOPK_FAMILY:
             if self.k is None or not 0 < self.k <= self.d_sae:
                 raise ValueError(f"k={self.k} must be in [1, d_sae={self.d_sae}]")
@@ -216,18 +218,8 @@ class TrainConfig:
 
 #: Named presets: partial configs applied before command-line flags.
 PRESETS: dict[str, dict[str, Any]] = {
-    # The default run: the embedded model and corpus, a few minutes on two CPU cores.
-    "tiny-cpu": {
-        "architecture": "topk",
-        "d_sae": 2048,
-        "k": 16,
-        "batch_size": 2048,
-        "total_tokens": 1_200_000,
-        "buffer_tokens": 32768,
-        "dead_tokens": 200_000,
-        "eval_tokens": 8192,
-        "warmup_steps": 20,
-    },
+    # The defaults: a TopK SAE on the embedded model and corpus, minutes on two CPU cores.
+    "tiny-cpu": {},
     # Gemma-2-2B residual stream, 16k latents (needs a GPU and the model weights).
     "gemma2-2b-16k": {
         "architecture": "topk",

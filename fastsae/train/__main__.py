@@ -1,0 +1,80 @@
+"""``python -m fastsae.train [--preset NAME] [--config FILE] [--resume DIR] [--flag value ...]``.
+
+Settings are applied in order: the defaults (the ``tiny-cpu`` preset: a TopK SAE on the embedded
+model and corpus), ``--preset``, ``--config`` (JSON or YAML), then the flags. ``--resume DIR``
+continues a run from its newest checkpoint (or from a checkpoint directory) with the saved config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+
+from fastsae.cli import add_dataclass_arguments, dataclass_from_args
+from fastsae.train.config import PRESETS, TrainConfig, load_config_file
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m fastsae.train",
+        description=__doc__.split("\n\n")[1],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--preset", choices=sorted(PRESETS), help="named preset applied first")
+    parser.add_argument("--config", metavar="FILE", help="JSON or YAML file of TrainConfig fields")
+    parser.add_argument("--resume", metavar="DIR", help="run or checkpoint directory to continue")
+    parser.add_argument("--print-config", action="store_true", help="print the config and exit")
+    add_dataclass_arguments(parser, TrainConfig)
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """Defaults -> preset -> config file -> flags (or the checkpoint's config with --resume)."""
+    if args.resume:
+        from fastsae.train.checkpoint import read_checkpoint
+        from fastsae.train.run import resolve_resume
+
+        meta, _ = read_checkpoint(resolve_resume(args.resume))
+        base = TrainConfig.from_dict(meta["config"])
+    else:
+        values: dict = dict(PRESETS[args.preset]) if args.preset else {}
+        if args.config:
+            values.update(load_config_file(args.config))
+        base = TrainConfig.from_dict(values)
+    return dataclass_from_args(TrainConfig, args, base=base)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        cfg = config_from_args(args)
+    except (ValueError, TypeError) as e:
+        parser.error(str(e))
+    if args.print_config:
+        print(json.dumps(dataclasses.asdict(cfg), indent=2))
+        return 0
+    from fastsae.train.run import run
+    from fastsae.train.trainer import NonFiniteLossError
+
+    try:
+        result = run(cfg, resume=args.resume)
+    except (NonFiniteLossError, MemoryError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if result["status"] == "interrupted":
+        return 130
+    print(
+        f"\nsaved SAE to {result['sae_dir']} (SAELens v6 format; loads with fastsae.load or "
+        "sae_lens.SAE.load_from_disk)"
+    )
+    for key in ("fvu", "explained_variance", "l0", "dead_pct", "ce_loss_score", "kl_score"):
+        if key in result:
+            print(f"  {key:20s} {result[key]:.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,256 @@
+"""The training run behind ``python -m fastsae.train``: data, loop, evaluation, checkpoints, files.
+
+Order of events (each failure is reported before the expensive steps that follow it):
+
+1. the config is validated (``TrainConfig.__post_init__``), and ``--resume`` is checked;
+2. the memory estimate is printed, and the run refuses if it cannot fit the device;
+3. the model and data are opened (an unknown hook is reported with the nearest valid names);
+4. the loop: ``Trainer.step`` on shuffled activations, ``metrics.jsonl``, a tqdm bar, an
+   evaluation every ``eval_every`` steps, a checkpoint every ``checkpoint_every_tokens``;
+5. SIGINT/SIGTERM: a checkpoint, then a clean exit; a NaN/inf loss: stop, keep the last good
+   checkpoint, name the step;
+6. at the end: a checkpoint, the SAE in SAELens v6 format (``OUT/sae``), the final evaluation,
+   plots.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import signal
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fastsae.train.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    read_checkpoint,
+    save_checkpoint,
+)
+from fastsae.train.config import TrainConfig
+from fastsae.train.memory import available_bytes, estimate
+from fastsae.train.trainer import NonFiniteLossError, Trainer, resolve_device
+
+__all__ = ["RunResult", "run", "resolve_resume"]
+
+GiB = 2**30
+
+
+class RunResult(dict):
+    """Final metrics plus ``out_dir``, ``sae_dir`` and ``status`` (``done`` or ``interrupted``)."""
+
+
+def resolve_resume(resume: str | Path) -> Path:
+    """``--resume`` accepts a run directory (its newest checkpoint) or a checkpoint directory."""
+    path = Path(resume)
+    if (path / "state.json").exists():
+        return path
+    found = latest_checkpoint(path)
+    if found is None:
+        raise ValueError(
+            f"--resume {resume}: no checkpoint found (looked in {path / 'checkpoints'})"
+        )
+    return found
+
+
+@contextmanager
+def _stop_on_signals():
+    """Turn the first SIGINT/SIGTERM into a flag the loop checks after each step."""
+    flag = {"signal": None}
+    previous = {}
+
+    def handler(signum, frame):
+        flag["signal"] = signum
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
+            previous[sig] = signal.signal(sig, handler)
+    try:
+        yield flag
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def run(cfg: TrainConfig, *, resume: str | Path | None = None, log=print) -> RunResult:
+    """Train ``cfg`` end to end; see the module docstring."""
+    from fastsae.train.data import open_data
+
+    resume_path = resolve_resume(resume) if resume is not None else None
+    if resume_path is not None:
+        read_checkpoint(resume_path)  # a truncated checkpoint is reported before anything loads
+    out_dir = Path(cfg.out_dir)
+    device = resolve_device(cfg.device)
+
+    data = open_data(cfg, device=device, log=log)
+    d_in, d_out = data.d_in, data.d_out
+    mem = estimate(cfg, d_in, d_out, optimizer_in_backward=bool(cfg.optimizer_in_backward))
+    log(f"memory estimate: {mem.describe()}")
+    free = available_bytes(device)
+    if mem.device_total > free:
+        data.close()
+        raise MemoryError(
+            f"this run needs about {mem.device_total / GiB:.1f} GiB on {device} but "
+            f"{free / GiB:.1f} GiB is free ({mem.describe()}); lower d_sae or batch_size, or set "
+            "optimizer_in_backward=True"
+        )
+
+    trainer = Trainer(
+        cfg,
+        d_in=d_in,
+        d_out=d_out,
+        hook_name=cfg.hook,
+        hook_name_out=cfg.hook_out,
+        model_name=data.model_name,
+    )
+    if resume_path is not None:
+        data_state = load_checkpoint(trainer, resume_path)
+        data.load_state_dict(data_state)
+        log(f"resumed from {resume_path} at step {trainer.step_count}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    wandb_run = _maybe_wandb(cfg, log)
+    status = "done"
+    next_checkpoint = _next_multiple(trainer.tokens, cfg.checkpoint_every_tokens)
+    bar = _progress(cfg, trainer)
+    metrics_path = out_dir / "metrics.jsonl"
+    try:
+        with _stop_on_signals() as stop, open(metrics_path, "a") as metrics_file:
+            while trainer.step_count < cfg.total_steps:
+                x, y = data.next_batch()
+                try:
+                    m = trainer.step(x, y)
+                except NonFiniteLossError as e:
+                    kept = latest_checkpoint(out_dir)
+                    e.args = (f"{e}; last good checkpoint: {kept or 'none written yet'}",)
+                    raise
+                if trainer.step_count % cfg.log_every == 0 or trainer.step_count == cfg.total_steps:
+                    metrics_file.write(json.dumps(m) + "\n")
+                    metrics_file.flush()
+                    if wandb_run is not None:
+                        wandb_run.log(m, step=trainer.step_count)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(
+                        {
+                            "tok/s": f"{m.get('tokens_per_s', 0):.0f}",
+                            "loss": f"{m['loss']:.3g}",
+                            "L0": f"{m['l0']:.1f}",
+                            "FVU": f"{m['fvu']:.3f}",
+                            "dead%": f"{m['dead_pct']:.1f}",
+                        },
+                        refresh=False,
+                    )
+                if cfg.eval_every and trainer.step_count % cfg.eval_every == 0:
+                    ev = _evaluate(trainer, data)
+                    metrics_file.write(json.dumps({"step": trainer.step_count, "eval": ev}) + "\n")
+                if next_checkpoint and trainer.tokens >= next_checkpoint:
+                    save_checkpoint(trainer, out_dir, data_state=data.state_dict())
+                    next_checkpoint = _next_multiple(trainer.tokens, cfg.checkpoint_every_tokens)
+                if stop["signal"] is not None:
+                    status = "interrupted"
+                    break
+        path = save_checkpoint(trainer, out_dir, data_state=data.state_dict())
+        if status == "interrupted":
+            log(
+                f"\nstopped by signal {stop['signal']} at step {trainer.step_count}; checkpoint: {path}"
+            )
+            log(f"resume with: python -m fastsae.train --resume {out_dir}")
+            return RunResult(status=status, out_dir=str(out_dir), checkpoint=str(path))
+    finally:
+        if bar is not None:
+            bar.close()
+
+    sae_dir = trainer.save_sae(out_dir / "sae")
+    final = _evaluate(trainer, data)
+    data.close()
+    (out_dir / "final_metrics.json").write_text(json.dumps(final, indent=2))
+    _plots(out_dir, trainer)
+    if wandb_run is not None:
+        wandb_run.log({f"final/{k}": v for k, v in final.items()})
+        wandb_run.finish()
+    return RunResult(status=status, out_dir=str(out_dir), sae_dir=str(sae_dir), **final)
+
+
+def _next_multiple(tokens: int, every: int) -> int:
+    return (tokens // every + 1) * every if every else 0
+
+
+def _progress(cfg: TrainConfig, trainer: Trainer):
+    if not cfg.progress:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        total=cfg.total_steps,
+        initial=trainer.step_count,
+        unit="step",
+        dynamic_ncols=True,
+        file=sys.stderr,
+    )
+
+
+def _maybe_wandb(cfg: TrainConfig, log):
+    if not cfg.wandb:
+        return None
+    try:
+        import wandb
+    except ImportError:
+        log("wandb=True but the wandb package is not installed; logging to metrics.jsonl only")
+        return None
+    return wandb.init(project="fastsae", config=cfg.to_dict(), dir=cfg.out_dir)
+
+
+def _evaluate(trainer: Trainer, data) -> dict[str, Any]:
+    from fastsae.evaluate import model_scores, reconstruction_metrics
+
+    sae = trainer.inference_sae()
+    start = time.perf_counter()
+    metrics = reconstruction_metrics(sae, data.eval_batches())
+    if data.model is not None and data.is_transformer_lens:
+        metrics.update(
+            model_scores(
+                sae, data.model, data.eval_tokens(), trainer.cfg.hook, hook_out=trainer.cfg.hook_out
+            )
+        )
+    metrics["eval_seconds"] = time.perf_counter() - start
+    return metrics
+
+
+def _plots(out_dir: Path, trainer: Trainer) -> None:
+    """Loss curves and the feature-density histogram, as PNGs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [
+        json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines() if line
+    ]
+    rows = [r for r in rows if "loss" in r]
+    if rows:
+        fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+        steps = [r["step"] for r in rows]
+        for ax, key, label in zip(axes, ("loss", "fvu", "l0"), ("loss", "FVU", "L0"), strict=True):
+            ax.plot(steps, [r[key] for r in rows])
+            ax.set_xlabel("step")
+            ax.set_title(label)
+            if key in ("loss", "fvu"):
+                ax.set_yscale("log")
+        fig.tight_layout()
+        fig.savefig(out_dir / "training_curves.png", dpi=90)
+        plt.close(fig)
+    density = trainer.feature_density()
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    ax.hist(torch.log10(density + 1e-10).numpy(), bins=60)
+    ax.set_xlabel("log10 firing density")
+    ax.set_ylabel("latents")
+    ax.set_title(f"feature density ({int((density == 0).sum())} never fired)")
+    fig.tight_layout()
+    fig.savefig(out_dir / "feature_density.png", dpi=90)
+    plt.close(fig)
