@@ -1,10 +1,18 @@
-"""The registry of benchmark cases. Each builder returns a :class:`Case` for one size."""
+"""The registry of benchmark cases. Each builder returns a :class:`Case` for one size.
+
+Cases are built one at a time by :func:`cases` (a generator), so that the tensors of one case are
+freed before the next is built: at the full shapes a single case holds gigabytes.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+
 import torch
 
+from benchmarks import pipeline
 from benchmarks.harness import Case
+from benchmarks.steps import trainer_step
 from fastsae import ops
 from fastsae import reference as ref
 
@@ -14,24 +22,28 @@ SIZES = {
     # the shapes named in the kernel issues (CPU)
     "full": {"B": 4096, "d": 768, "n": 16384, "k": 32},
 }
+NO_GPU = "no CUDA device: the Triton kernels run on GPUs only"
 
 
-def _backends() -> list[str]:
-    names = ["torch"]
-    if torch.cuda.is_available():
-        try:
-            import triton  # noqa: F401
+def _device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
-            names.insert(0, "triton")
-        except ImportError:
-            pass
-    return names
+
+def _backends() -> tuple[list[str], dict[str, str]]:
+    """fastsae backends to time here, and the skipped ones with the reason."""
+    if not torch.cuda.is_available():
+        return ["torch"], {"fastsae-triton": NO_GPU}
+    try:
+        import triton  # noqa: F401
+    except ImportError as exc:
+        return ["torch"], {"fastsae-triton": f"triton is not importable: {exc}"}
+    return ["triton", "torch"], {}
 
 
 def sparse_decode_fwd_bwd(B: int, d: int, n: int, k: int) -> Case:
     """Sparse decode forward + backward (all three gradients) against a dense decode (scatter the
     codes into [B, n], then matmul) with autograd."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = _device()
     g = torch.Generator(device="cpu").manual_seed(0)
     values = torch.rand(B, k, generator=g).to(device).requires_grad_(True)
     indices = torch.randint(0, n, (B, k), generator=g).to(device)
@@ -53,18 +65,21 @@ def sparse_decode_fwd_bwd(B: int, d: int, n: int, k: int) -> Case:
         out = ref.dense_decode(codes, W_dec, b_dec)
         torch.autograd.grad(out, leaves, upstream)
 
-    providers = {f"fastsae-{b}": fastsae_provider(b) for b in _backends()}
+    backends, skipped = _backends()
+    providers = {f"fastsae-{b}": fastsae_provider(b) for b in backends}
     providers["dense"] = dense
     return Case(
         name="sparse_decode_fwd_bwd",
         mode="fwd+bwd",
         shapes={"B": B, "d": d, "n": n, "k": k},
         providers=providers,
+        skipped=skipped,
         # forward, grad_values and grad_W_dec are each 2*B*k*d FLOPs
         flops=6 * B * k * d,
         # three gathers/scatters of B*k rows of d, read g twice, write grad_W_dec [n, d] (fp32)
         bytes=4 * (3 * B * k * d + 2 * B * d + n * d),
         baseline="dense",
+        items=B,
     )
 
 
@@ -72,7 +87,7 @@ def encoder_backward(B: int, d: int, n: int, k: int) -> Case:
     """Encoder backward from a sparse grad_pre [B, k] against dense autograd through
     pre = x @ W_enc + b_enc (the dense gradient is scattered to [B, n] first, as a dense TopK
     implementation does)."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = _device()
     g = torch.Generator(device="cpu").manual_seed(1)
     x = torch.randn(B, d, generator=g).to(device)
     W_enc = torch.randn(d, n, generator=g).to(device).requires_grad_(True)
@@ -93,116 +108,191 @@ def encoder_backward(B: int, d: int, n: int, k: int) -> Case:
         G = torch.zeros(B, n, device=device).scatter_add(1, indices, grad_pre)
         torch.autograd.grad(pre, (W_enc, b_enc), G, retain_graph=True)
 
-    providers = {f"fastsae-{b}": fastsae_provider(b) for b in _backends()}
+    backends, skipped = _backends()
+    providers = {f"fastsae-{b}": fastsae_provider(b) for b in backends}
     providers["dense-autograd"] = dense
     return Case(
         name="encoder_backward",
         mode="bwd",
         shapes={"B": B, "d": d, "n": n, "k": k},
         providers=providers,
+        skipped=skipped,
         flops=2 * B * k * d,
         # read x and the sparse gradient, write grad_W_enc [d, n] (fp32)
         bytes=4 * (B * d + n * d + 2 * B * k),
         baseline="dense-autograd",
+        items=B,
+    )
+
+
+def _encoder_inputs(B: int, d: int, n: int, seed: int):
+    device = _device()
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    x = torch.randn(B, d, generator=g).to(device)
+    W_enc = (torch.randn(d, n, generator=g) / d**0.5).to(device)
+    b_enc = torch.zeros(n, device=device)
+    return x, W_enc, b_enc
+
+
+#: B * n at which a [B, n] fp32 matrix is 256 MiB: beyond it a dense provider takes seconds per
+#: call on two CPU cores, so such cases take fewer repeats to keep the full suite near 10 minutes.
+HEAVY_ELEMENTS = 2**26
+
+
+def _encode_case(
+    name: str, B: int, d: int, n: int, k: int, fastsae_call, dense: dict, heavy_repeats: int = 5
+) -> Case:
+    """An inference encode (no grad) against dense providers and the encoder ``addmm`` floor."""
+    x, W_enc, b_enc = _encoder_inputs(B, d, n, seed=2)
+
+    def fastsae_provider(backend: str):
+        def run():
+            with torch.no_grad(), ops.use_backend(backend):
+                fastsae_call(x, W_enc, b_enc)
+
+        return run
+
+    def with_no_grad(fn):
+        def run():
+            with torch.no_grad():
+                fn(x, W_enc, b_enc)
+
+        return run
+
+    def addmm():
+        torch.addmm(b_enc, x, W_enc)
+
+    backends, skipped = _backends()
+    providers = {f"fastsae-{b}": fastsae_provider(b) for b in backends}
+    providers.update({label: with_no_grad(fn) for label, fn in dense.items()})
+    providers["addmm-floor"] = addmm
+    return Case(
+        name=name,
+        mode="fwd",
+        shapes={"B": B, "d": d, "n": n, "k": k},
+        providers=providers,
+        skipped=skipped,
+        flops=2 * B * d * n,
+        # read x and W_enc, write B*k values and indices; the [B, n] matrix is never written
+        bytes=4 * (B * d + d * n + 2 * B * k),
+        baseline="addmm-floor",
+        items=B,
+        repeats=heavy_repeats if B * n >= HEAVY_ELEMENTS else None,
     )
 
 
 def encode_topk_fwd(B: int, d: int, n: int, k: int) -> Case:
     """Encode + top-k (inference: no grad) against ``addmm`` + ``torch.topk`` on the dense
     pre-activations, and against the ``addmm`` alone: the physical floor of an exact TopK."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    g = torch.Generator(device="cpu").manual_seed(2)
-    x = torch.randn(B, d, generator=g).to(device)
-    W_enc = (torch.randn(d, n, generator=g) / d**0.5).to(device)
-    b_enc = torch.zeros(n, device=device)
-
-    def fastsae_provider(backend: str):
-        def run():
-            with torch.no_grad(), ops.use_backend(backend):
-                ops.encode_topk(x, W_enc, b_enc, k)
-
-        return run
-
-    def addmm_topk():
-        torch.topk(torch.addmm(b_enc, x, W_enc), k, dim=-1)
-
-    def addmm():
-        torch.addmm(b_enc, x, W_enc)
-
-    providers = {f"fastsae-{b}": fastsae_provider(b) for b in _backends()}
-    providers["addmm+topk"] = addmm_topk
-    providers["addmm-floor"] = addmm
-    return Case(
-        name="encode_topk_fwd",
-        mode="fwd",
-        shapes={"B": B, "d": d, "n": n, "k": k},
-        providers=providers,
-        flops=2 * B * d * n,
-        # read x and W_enc, write B*k values and indices; the [B, n] matrix is never written
-        bytes=4 * (B * d + d * n + 2 * B * k),
-        baseline="addmm-floor",
+    return _encode_case(
+        "encode_topk_fwd",
+        B,
+        d,
+        n,
+        k,
+        lambda x, W, b: ops.encode_topk(x, W, b, k),
+        {"addmm+topk": lambda x, W, b: torch.topk(torch.addmm(b, x, W), k, dim=-1)},
     )
 
 
-def trainer_step(B: int, d: int, n: int, k: int) -> Case:
-    """One full ``Trainer.step`` (forward, AuxK bookkeeping, backward, decoder projection, Adam,
-    renormalisation) on random activations, against the floor of an exact TopK step measured in
-    the same run: one encoder ``addmm``, one ``torch.topk`` and one Adam step over the same
-    parameters."""
-    from fastsae.train import TrainConfig, Trainer
+def encode_batch_topk_fwd(B: int, d: int, n: int, k: int) -> Case:
+    """BatchTopK encode (keep the k*B largest of the batch; inference, no grad) against the dense
+    oracle (pre-activations + :func:`fastsae.reference.batch_topk`, a stable sort of all B*n
+    entries), against a dense ``torch.topk`` over the flattened batch, and the ``addmm`` floor."""
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    g = torch.Generator(device="cpu").manual_seed(3)
-    x = torch.randn(B, d, generator=g).to(device)
-    trainers = {}
-    for backend in _backends():
-        cfg = TrainConfig(
-            d_in=d,
-            d_sae=n,
-            k=k,
-            batch_size=B,
-            buffer_tokens=B,
-            total_tokens=10**9,
-            backend=backend,
-            device=device,
-            warmup_steps=0,
-            progress=False,
-        )
-        trainers[backend] = Trainer(cfg)
+    def flat_topk(x, W, b):
+        pre = torch.relu(torch.addmm(b, x, W))
+        torch.topk(pre.reshape(-1), k * B)
 
-    W_enc = torch.randn(d, n, generator=g).to(device) / d**0.5
-    b_enc = torch.zeros(n, device=device)
-    params = [torch.nn.Parameter(t) for t in (W_enc, b_enc, torch.randn(n, d), torch.zeros(d))]
-    for p in params:
-        p.grad = torch.randn_like(p)
-    adam = torch.optim.Adam(params, lr=1e-9, fused=True)
-
-    def floor():
-        pre = torch.addmm(b_enc, x, W_enc)
-        torch.topk(pre, k, dim=-1)
-        del pre
-        adam.step()
-
-    providers = {f"fastsae-{b}": (lambda t=t: t.step(x)) for b, t in trainers.items()}
-    providers["floor(addmm+topk+adam)"] = floor
-    return Case(
-        name="trainer_step",
-        mode="step",
-        shapes={"B": B, "d": d, "n": n, "k": k},
-        providers=providers,
-        # TopK step cost model (PRIOR-ART): 2*B*d*n for the encoder + 8*B*k*d for the sparse rest
-        flops=2 * B * d * n + 8 * B * k * d,
-        # W_enc read by the GEMM, Adam's ~28 bytes per parameter (fp32 param, grad, 2 moments)
-        bytes=4 * d * n + 28 * (2 * d * n + n + d),
-        baseline="floor(addmm+topk+adam)",
+    return _encode_case(
+        "encode_batch_topk_fwd",
+        B,
+        d,
+        n,
+        k,
+        lambda x, W, b: ops.encode_batch_topk(x, W, b, k),
+        {
+            "dense-reference": lambda x, W, b: ref.batch_topk(ref.pre_activations(x, W, b), k),
+            "addmm+flat-topk": flat_topk,
+        },
+        # the oracle sorts all B*n entries: ~10 s per call at the full shapes
+        heavy_repeats=3,
     )
 
 
-def cases(suite: str) -> list[Case]:
-    """Every case of ``suite`` (``smoke`` or ``full``)."""
-    size = SIZES[suite]
-    out = [sparse_decode_fwd_bwd(**size), encoder_backward(**size)]
-    widths = [size["n"]] if suite == "smoke" else [16384, 65536]
-    out += [encode_topk_fwd(size["B"], size["d"], n, size["k"]) for n in widths]
-    out.append(trainer_step(**size))
+def jumprelu_threshold(n: int, k: int, device: str | torch.device) -> torch.Tensor:
+    """A threshold at which about ``k`` of ``n`` standard-normal pre-activations fire per row."""
+    q = torch.tensor(1.0 - k / n, dtype=torch.float64)
+    return torch.full((n,), float(torch.special.ndtri(q)), device=device)
+
+
+def encode_jumprelu_fwd(B: int, d: int, n: int, k: int) -> Case:
+    """JumpReLU inference encode (sparse codes of every latent above its threshold; the threshold
+    makes about k latents fire per row) against the dense oracle (pre-activations +
+    :func:`fastsae.reference.jumprelu`, a dense [B, n] code) and the ``addmm`` floor."""
+    # pre-activations are ~N(0, 1): W_enc entries ~N(0, 1/d) and x ~N(0, 1)
+    threshold = jumprelu_threshold(n, k, _device())
+
+    return _encode_case(
+        "encode_jumprelu_fwd",
+        B,
+        d,
+        n,
+        k,
+        lambda x, W, b: ops.encode_jumprelu(x, W, b, threshold, k_cap=2 * k),
+        {
+            "dense-reference": lambda x, W, b: ref.jumprelu(
+                ref.pre_activations(x, W, b), threshold
+            ),
+        },
+    )
+
+
+def shuffler_throughput(B: int, d: int, n: int, k: int) -> Case:
+    """Hook point: the activation shuffler's throughput (see :mod:`benchmarks.pipeline`)."""
+    return pipeline.shuffler_throughput(B, d)
+
+
+def demo_training_run(B: int, d: int, n: int, k: int) -> Case:
+    """Hook point: a short real training run on the embedded model (see
+    :mod:`benchmarks.pipeline`)."""
+    return pipeline.demo_training_run(suite="full" if B >= 4096 else "smoke")
+
+
+Builder = Callable[[int, int, int, int], Case]
+REGISTRY: dict[str, Builder] = {
+    "sparse_decode_fwd_bwd": sparse_decode_fwd_bwd,
+    "encoder_backward": encoder_backward,
+    "encode_topk_fwd": encode_topk_fwd,
+    "encode_batch_topk_fwd": encode_batch_topk_fwd,
+    "encode_jumprelu_fwd": encode_jumprelu_fwd,
+    "trainer_step": trainer_step,
+    "shuffler_throughput": shuffler_throughput,
+    "demo_training_run": demo_training_run,
+}
+
+
+def plan(
+    suite: str, only: list[str] | None = None, override: dict[str, int] | None = None
+) -> list[tuple[str, dict[str, int]]]:
+    """``(case name, shapes)`` for every case of ``suite``, optionally only the named ones, with
+    ``override`` replacing some of the suite's sizes (B, d, n, k)."""
+    size = {**SIZES[suite], **(override or {})}
+    out = []
+    for name in REGISTRY:
+        if only and name not in only:
+            continue
+        if name == "encode_topk_fwd" and suite == "full" and not override:
+            out += [(name, {**size, "n": n}) for n in (16384, 65536)]
+        else:
+            out.append((name, dict(size)))
     return out
+
+
+def cases(
+    suite: str, only: list[str] | None = None, override: dict[str, int] | None = None
+) -> Iterator[tuple[str, Callable[[], Case]]]:
+    """Every case of ``suite`` (``smoke`` or ``full``) as ``(name, build)``; call ``build()``
+    just before measuring and drop the case afterwards."""
+    for name, shapes in plan(suite, only, override):
+        yield name, (lambda name=name, shapes=shapes: REGISTRY[name](**shapes))

@@ -26,6 +26,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", metavar="FILE", help="JSON or YAML file of TrainConfig fields")
     parser.add_argument("--resume", metavar="DIR", help="run or checkpoint directory to continue")
     parser.add_argument("--print-config", action="store_true", help="print the config and exit")
+    parser.add_argument(
+        "--stop-after-steps",
+        type=int,
+        metavar="N",
+        help="leave with a checkpoint after N steps in this session (resume with --resume)",
+    )
     add_dataclass_arguments(parser, TrainConfig)
     return parser
 
@@ -60,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     from fastsae.train.trainer import NonFiniteLossError
 
     try:
-        result = run(cfg, resume=args.resume)
+        result = run(cfg, resume=args.resume, stop_after_steps=args.stop_after_steps)
     except (NonFiniteLossError, MemoryError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

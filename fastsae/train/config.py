@@ -161,10 +161,10 @@ class TrainConfig:
         for name in ("batch_size", "total_tokens", "context_size", "model_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
-        if self.batch_size > self.buffer_tokens and self.cache_dir is None:
+        if 2 * self.batch_size > self.buffer_tokens:
             raise ValueError(
-                f"batch_size={self.batch_size} must be <= buffer_tokens={self.buffer_tokens} "
-                "(the shuffler draws each batch from its buffer)"
+                f"batch_size={self.batch_size} must be <= buffer_tokens / 2 = "
+                f"{self.buffer_tokens // 2} (the shuffler mixes each batch from its buffer)"
             )
         if self.backend not in BACKENDS:
             raise ValueError(f"backend={self.backend!r} is unknown; allowed: {', '.join(BACKENDS)}")

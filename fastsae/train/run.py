@@ -77,8 +77,18 @@ def _stop_on_signals():
             signal.signal(sig, old)
 
 
-def run(cfg: TrainConfig, *, resume: str | Path | None = None, log=print) -> RunResult:
-    """Train ``cfg`` end to end; see the module docstring."""
+def run(
+    cfg: TrainConfig,
+    *,
+    resume: str | Path | None = None,
+    stop_after_steps: int | None = None,
+    log=print,
+) -> RunResult:
+    """Train ``cfg`` end to end; see the module docstring.
+
+    ``stop_after_steps``: leave (with a checkpoint, status ``interrupted``) after that many steps
+    in this session, e.g. to fit a time-sliced job; ``--resume`` continues exactly.
+    """
     from fastsae.train.data import open_data
 
     resume_path = resolve_resume(resume) if resume is not None else None
@@ -88,7 +98,7 @@ def run(cfg: TrainConfig, *, resume: str | Path | None = None, log=print) -> Run
     device = resolve_device(cfg.device)
 
     data = open_data(cfg, device=device, log=log)
-    d_in, d_out = data.d_in, data.d_out
+    d_in, d_out = data.d_in, data.d_out or data.d_in
     mem = estimate(cfg, d_in, d_out, optimizer_in_backward=bool(cfg.optimizer_in_backward))
     log(f"memory estimate: {mem.describe()}")
     free = available_bytes(device)
@@ -118,6 +128,7 @@ def run(cfg: TrainConfig, *, resume: str | Path | None = None, log=print) -> Run
     status = "done"
     next_checkpoint = _next_multiple(trainer.tokens, cfg.checkpoint_every_tokens)
     bar = _progress(cfg, trainer)
+    first_step = trainer.step_count
     metrics_path = out_dir / "metrics.jsonl"
     try:
         with _stop_on_signals() as stop, open(metrics_path, "a") as metrics_file:
@@ -152,7 +163,10 @@ def run(cfg: TrainConfig, *, resume: str | Path | None = None, log=print) -> Run
                 if next_checkpoint and trainer.tokens >= next_checkpoint:
                     save_checkpoint(trainer, out_dir, data_state=data.state_dict())
                     next_checkpoint = _next_multiple(trainer.tokens, cfg.checkpoint_every_tokens)
-                if stop["signal"] is not None:
+                if stop["signal"] is not None or (
+                    stop_after_steps is not None
+                    and trainer.step_count - first_step >= stop_after_steps
+                ):
                     status = "interrupted"
                     break
         path = save_checkpoint(trainer, out_dir, data_state=data.state_dict())

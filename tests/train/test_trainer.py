@@ -161,7 +161,7 @@ _KILL_MID_WRITE = textwrap.dedent(
     import fastsae.train.checkpoint as ckpt
     from fastsae.train import Trainer, TrainConfig, save_checkpoint
 
-    cfg = TrainConfig(d_in=8, d_sae=32, k=4, batch_size=16, buffer_tokens=16, backend="torch")
+    cfg = TrainConfig(d_in=8, d_sae=32, k=4, batch_size=16, buffer_tokens=32, backend="torch")
     trainer = Trainer(cfg)
     trainer.step(torch.randn(16, 8))
     save_checkpoint(trainer, sys.argv[1])            # step-00000001: complete
@@ -185,7 +185,7 @@ def test_kill_mid_write_leaves_the_previous_checkpoint_loadable(tmp_path):
     )
     assert proc.returncode == -9, proc.stderr.decode()
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step-00000001"]
-    trainer = Trainer(TrainConfig(d_in=8, d_sae=32, k=4, batch_size=16, buffer_tokens=16))
+    trainer = Trainer(TrainConfig(d_in=8, d_sae=32, k=4, batch_size=16, buffer_tokens=32))
     load_checkpoint(trainer, latest_checkpoint(tmp_path))
     assert trainer.step_count == 1
 
@@ -215,7 +215,10 @@ def test_saved_sae_loads_in_saelens_with_identical_outputs(tmp_path):
     [
         ({"k": 200}, r"k=200 must be in \[1, d_sae=96\]"),
         ({"architecture": "dense"}, "architecture='dense' is unknown"),
-        ({"batch_size": 256, "buffer_tokens": 128}, "batch_size=256 must be <= buffer_tokens=128"),
+        (
+            {"batch_size": 256, "buffer_tokens": 384},
+            "batch_size=256 must be <= buffer_tokens / 2 = 192",
+        ),
         ({"backend": "cuda"}, "backend='cuda' is unknown"),
         ({"grad_clip": 1.0, "optimizer_in_backward": True}, "cannot be combined"),
         ({"autocast": "fp8"}, "autocast='fp8'"),

@@ -1,0 +1,202 @@
+"""Training data for ``python -m fastsae.train``: shuffled activation batches, held-out evaluation
+data, and a position that makes resuming exact.
+
+The stream is a sequence of *epochs* over the training tokens (a live model over the text, or an
+activation cache). Epoch ``e`` is one :class:`~fastsae.data.ActivationShuffler` pass seeded with
+``seed + e``, so the batches are a pure function of ``(seed, epoch, batch index)``. The position
+``{"epoch", "batch"}`` is saved in every checkpoint; resuming rebuilds that epoch's shuffler and
+skips the batches already used (for a live model this recomputes their activations: exact, at
+the price of the model's forward passes).
+
+Held out: for the embedded corpus, its ``held_out`` split (chapters the model never saw); for
+other text, the first ``eval_tokens`` of the stream, which are then left out of training; for a
+cache, its first ``eval_tokens`` rows, likewise left out.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from fastsae.train.config import TrainConfig
+
+__all__ = ["TrainData", "open_data"]
+
+
+class TrainData:
+    """Batches ``(x [B, d_in], y [B, d_out] or None)`` and evaluation data for one run."""
+
+    def __init__(self, cfg: TrainConfig, *, device: torch.device, log=print):
+        self.cfg = cfg
+        self.device = device
+        self.log = log
+        self.epoch = 0
+        self.batch = 0
+        self._shuffler = None
+        self._iter: Iterator | None = None
+        self.model = None
+        self.is_transformer_lens = False
+        self.hooks = [cfg.hook] + ([cfg.hook_out] if cfg.hook_out else [])
+        if cfg.cache_dir is not None:
+            self._open_cache()
+        else:
+            self._open_model()
+
+    # -- sources -----------------------------------------------------------------------------------
+
+    def _open_cache(self) -> None:
+        from fastsae.data import ActivationCache
+
+        cfg = self.cfg
+        self.cache = ActivationCache(cfg.cache_dir)
+        missing = [h for h in self.hooks if h not in self.cache.hooks]
+        if missing:
+            from fastsae.data.sources import unknown_hook_error
+
+            raise unknown_hook_error(missing, list(self.cache.hooks), "hook in the cache")
+        dims = self.cache.dims
+        self.d_in = dims[cfg.hook]
+        self.d_out = dims[cfg.hook_out] if cfg.hook_out else None
+        self.model_name = self.cache.manifest.get("model")
+        self._eval_stop = min(cfg.eval_tokens, len(self.cache) // 2)
+        if len(self.cache) - self._eval_stop < cfg.batch_size:
+            raise ValueError(
+                f"cache {cfg.cache_dir} holds {len(self.cache)} tokens; batch_size={cfg.batch_size} "
+                f"plus {self._eval_stop} held-out tokens do not fit"
+            )
+
+    def _open_model(self) -> None:
+        from fastsae.data import open_source, text
+
+        cfg = self.cfg
+        embedded = cfg.model == "embedded"
+        opened = open_source(None if embedded else cfg.model, self.hooks, device=str(self.device))
+        self.opened = opened
+        self.source = opened.source
+        self.model_name = opened.name
+        self.model = getattr(self.source, "model", None)
+        self.is_transformer_lens = type(self.source).__name__ == "TransformerLensSource"
+        dims = self.source.dims
+        self.d_in = dims[cfg.hook]
+        self.d_out = dims[cfg.hook_out] if cfg.hook_out else None
+        self.context_size = min(cfg.context_size, opened.context_size)
+        if embedded or cfg.dataset is None:
+            self._eval_seqs = self._sequences(text.load_rows(cfg.dataset, split="held_out"))
+            self._skip_sequences = 0
+        else:
+            n_eval = math.ceil(cfg.eval_tokens / self.context_size)
+            self._eval_seqs = self._sequences(text.load_rows(cfg.dataset), limit=n_eval)
+            self._skip_sequences = len(self._eval_seqs)
+
+    def _sequences(self, rows, limit: int | None = None) -> list[Tensor]:
+        from fastsae.data import text
+
+        out = []
+        for seq in text.token_sequences(rows, self.opened.tokenizer, self.context_size):
+            out.append(seq)
+            if limit is not None and len(out) >= limit:
+                break
+        return out
+
+    def _epoch_chunks(self):
+        from fastsae.data import text
+
+        cfg = self.cfg
+        if cfg.cache_dir is not None:
+            return self.cache.chunks(self.hooks, start=self._eval_stop)
+        rows = text.load_rows(cfg.dataset, split="train")
+        seqs = text.token_sequences(rows, self.opened.tokenizer, self.context_size)
+        if self._skip_sequences:
+            seqs = (s for i, s in enumerate(seqs) if i >= self._skip_sequences)
+        return self.source.stream(text.token_batches(seqs, cfg.model_batch_size))
+
+    def _start_epoch(self) -> None:
+        from fastsae.data import ActivationShuffler
+
+        self.close()
+        cfg = self.cfg
+        self._shuffler = ActivationShuffler(
+            self._epoch_chunks(),
+            batch_size=cfg.batch_size,
+            buffer_tokens=cfg.buffer_tokens,
+            seed=cfg.seed + self.epoch,
+            device=self.device,
+            dtype=torch.float32,
+            columns=self.hooks,
+            drop_last=True,
+        )
+        self._iter = iter(self._shuffler)
+
+    # -- the training stream -----------------------------------------------------------------------
+
+    def next_batch(self) -> tuple[Tensor, Tensor | None]:
+        if self._iter is None:
+            self._start_epoch()
+        while True:
+            try:
+                batch = next(self._iter)
+                break
+            except StopIteration:
+                if self.batch == 0:
+                    raise ValueError(
+                        f"the training data holds fewer than batch_size={self.cfg.batch_size} tokens"
+                    ) from None
+                self.epoch += 1
+                self.batch = 0
+                self._start_epoch()
+        self.batch += 1
+        x = batch[self.cfg.hook]
+        y = batch[self.cfg.hook_out] if self.cfg.hook_out else None
+        # A CUDA batch is a view of a reused buffer; the step consumes it before the next call.
+        return x, y
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "batch": self.batch}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue exactly where ``state`` left off (see the module docstring)."""
+        self.epoch = int(state.get("epoch", 0))
+        target = int(state.get("batch", 0))
+        self.batch = 0
+        self._start_epoch()
+        for _ in range(target):
+            next(self._iter)
+            self.batch += 1
+
+    # -- evaluation --------------------------------------------------------------------------------
+
+    def eval_batches(self) -> Iterator[tuple[Tensor, Tensor | None]]:
+        cfg = self.cfg
+        if cfg.cache_dir is not None:
+            for chunk in self.cache.chunks(self.hooks, start=0, stop=self._eval_stop):
+                yield chunk[cfg.hook].float(), chunk[cfg.hook_out].float() if cfg.hook_out else None
+            return
+        from fastsae.data import text
+
+        seen = 0
+        for tokens in text.token_batches(self._eval_seqs, cfg.model_batch_size):
+            acts = self.source.activations(tokens)
+            x = acts[cfg.hook].float()
+            yield x, acts[cfg.hook_out].float() if cfg.hook_out else None
+            seen += x.shape[0]
+            if seen >= cfg.eval_tokens:
+                return
+
+    def eval_tokens(self) -> Tensor:
+        """``[n_seq, ctx]`` held-out token sequences (about ``eval_tokens`` tokens)."""
+        n = max(1, math.ceil(self.cfg.eval_tokens / self.context_size))
+        return torch.stack(self._eval_seqs[:n])
+
+    def close(self) -> None:
+        if self._shuffler is not None:
+            self._shuffler.close()
+            self._shuffler = None
+            self._iter = None
+
+
+def open_data(cfg: TrainConfig, *, device: torch.device, log=print) -> TrainData:
+    return TrainData(cfg, device=device, log=log)

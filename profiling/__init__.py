@@ -1,0 +1,1 @@
+"""Profiling tools: ``python -m profiling.profile_step`` (see ``docs/profiling.md``)."""
