@@ -54,6 +54,17 @@ def _auxk_term(
     return min(n_dead / k_aux, 1.0) * ref.mse(aux_recon, residual.detach())
 
 
+def _encode_jumprelu_adaptive(sae: SAE, x: Tensor, threshold: Tensor, b_dec: Tensor | None):
+    """:func:`fastsae.ops.encode_jumprelu` with its first-guess width taken from the widest row
+    of the previous call (+25%), so that steady-state calls select each row once."""
+    k_cap = getattr(sae, "_k_cap_hint", 64)
+    values, indices = ops.encode_jumprelu(
+        x, sae.W_enc, sae.b_enc, threshold, b_dec=b_dec, k_cap=k_cap
+    )
+    sae._k_cap_hint = max(8, values.shape[-1] * 5 // 4)
+    return values, indices
+
+
 def _default_k_aux(sae: SAE, k_aux: float | None) -> int:
     # Gao et al. 2024 suggest d/2 auxiliary latents; SAELens uses d_in // 2.
     return int(k_aux) if k_aux is not None else max(1, sae.d_out // 2)
@@ -141,9 +152,7 @@ class BatchTopKSAE(SAE):
             enc = ops.encode_batch_topk(x2, self.W_enc, self.b_enc, self.cfg.k, b_dec=b_dec)
             values, indices = enc.values, enc.indices
         else:
-            values, indices = ops.encode_jumprelu(
-                x2, self.W_enc, self.b_enc, self._threshold(x2.dtype), b_dec=b_dec
-            )
+            values, indices = _encode_jumprelu_adaptive(self, x2, self._threshold(x2.dtype), b_dec)
         return values.reshape(*lead, -1), indices.reshape(*lead, -1)
 
     def _encode_2d(self, x: Tensor) -> Tensor:
@@ -247,8 +256,8 @@ class JumpReLUSAE(SAE):
         from :func:`fastsae.ops.encode_jumprelu` (no gradient; training uses the dense STE path,
         which needs the pre-activations near the threshold)."""
         x2, lead = self._flatten(x, self.d_in)
-        values, indices = ops.encode_jumprelu(
-            x2, self.W_enc, self.b_enc, self.threshold.detach(), b_dec=self._encoder_input(x2)
+        values, indices = _encode_jumprelu_adaptive(
+            self, x2, self.threshold.detach(), self._encoder_input(x2)
         )
         return values.reshape(*lead, -1), indices.reshape(*lead, -1)
 

@@ -85,6 +85,15 @@ def _apply(x, W_enc, b_enc, b_dec, selector, encoder_backward):
     return values, indices, aux_values, aux_indices
 
 
+def _widen(top: Tensor, idx: Tensor, width: int) -> tuple[Tensor, Tensor]:
+    """Pad candidates ``[B, m]`` to ``[B, width]`` with ``-inf`` scores (index 0)."""
+    pad = width - top.shape[1]
+    return (
+        torch.cat([top, top.new_full((top.shape[0], pad), float("-inf"))], dim=1),
+        torch.cat([idx, idx.new_zeros((idx.shape[0], pad))], dim=1),
+    )
+
+
 def batch_topk_select(
     select: SelectFn, x_in: Tensor, W_enc: Tensor, b_enc: Tensor, k: float, **aux
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
@@ -93,24 +102,43 @@ def batch_topk_select(
     Each row contributes its top ``m`` candidates; the batch keeps the ``K = round(k * B)``
     largest ReLU'd scores among them (lower flat index ``b * n + i`` first among equals, as
     :func:`fastsae.reference.batch_topk`). A row whose smallest candidate still reaches the
-    batch threshold might hold more winners, so ``m`` doubles until no row does. Unkept candidates
+    batch threshold might hold more winners, so such rows are selected again with twice the
+    candidates until no row is cut off. Unkept candidates
     get a ``-inf`` score; the result is trimmed to the widest row.
     """
     B, n = x_in.shape[0], W_enc.shape[1]
     K = max(1, min(round(k * B), B * n))
-    m = min(n, max(4 * math.ceil(k), 8, math.ceil(K / max(B, 1))))
+    m = min(n, max(2 * math.ceil(k) + 8, math.ceil(K / max(B, 1))))
+    top, idx, aux_top, aux_idx = select(x_in, W_enc, b_enc, m, **aux)
     while True:
-        top, idx, aux_top, aux_idx = select(x_in, W_enc, b_enc, m, **aux)
         scores = torch.relu(top)
         tau = torch.topk(scores.reshape(-1), K).values[-1]
         smallest = scores[:, -1]
-        if m >= n or not bool(((smallest >= tau) & (smallest > 0)).any()):
+        saturated = (smallest >= tau) & (smallest > 0)
+        if m >= n or not bool(saturated.any()):
             break
+        # Only the saturated rows are selected again, with twice the candidates.
         m = min(n, 2 * m)
-    # Global top-K among candidates, lower flat index first among equal scores.
+        top, idx = _widen(top, idx, m)
+        rows = saturated.nonzero().squeeze(-1)
+        top[rows], idx[rows], _, _ = select(x_in[rows], W_enc, b_enc, m)
+    m = top.shape[1]
+    # Global top-K among the candidates. A unique K-th value (the usual case) makes the kept set
+    # unique, and, candidates being in score order within a row, a prefix of each row.
+    flat = scores.reshape(-1)
+    best, pos = torch.topk(flat, min(K + 1, flat.numel()), sorted=True)
+    ambiguous = flat.numel() > K and bool(best[K - 1] == best[K]) and bool(best[K - 1] > 0)
+    if not ambiguous:
+        kept = torch.zeros(B * m, dtype=torch.bool, device=idx.device)
+        kept[pos[:K]] = True
+        kept = kept.reshape(B, m) & (scores > 0)  # zero scores carry nothing either way
+        width = max(1, int(kept.sum(-1).max()))
+        top = top[:, :width].masked_fill(~kept[:, :width], float("-inf"))
+        return top, idx[:, :width], aux_top, aux_idx
+    # Ties straddle the cut: lower flat index b * n + i first among equal scores.
     flat_key = (torch.arange(B, device=idx.device)[:, None] * n + idx).reshape(-1)
     by_key = torch.argsort(flat_key)
-    by_score = torch.argsort(scores.reshape(-1)[by_key], descending=True, stable=True)
+    by_score = torch.argsort(flat[by_key], descending=True, stable=True)
     kept_flat = torch.zeros(B * m, dtype=torch.bool, device=idx.device)
     kept_flat[by_key[by_score[:K]]] = True
     kept = kept_flat.reshape(B, m)
@@ -156,12 +184,18 @@ def make_encode_ops(select: SelectFn) -> dict[str, Callable]:
         n = W_enc.shape[1]
         x_in = x - b_dec if b_dec is not None else x
         k_cap = min(max(1, k_cap), n)
+        top, idx, _, _ = select(x_in, W_enc, b_enc, k_cap, threshold=threshold)
         while True:
-            top, idx, _, _ = select(x_in, W_enc, b_enc, k_cap, threshold=threshold)
-            # Every row's last slot empty means no row was cut off at k_cap.
-            if k_cap >= n or not bool(torch.isfinite(top[:, -1]).any()):
+            # A row whose last slot is filled may have been cut off at k_cap: select it again.
+            cut = torch.isfinite(top[:, -1])
+            if k_cap >= n or not bool(cut.any()):
                 break
             k_cap = min(n, 2 * k_cap)
+            top, idx = _widen(top, idx, k_cap)
+            rows = cut.nonzero().squeeze(-1)
+            top[rows], idx[rows], _, _ = select(
+                x_in[rows], W_enc, b_enc, k_cap, threshold=threshold
+            )
         finite = torch.isfinite(top)
         width = max(1, int(finite.sum(-1).max()))
         values = torch.relu(top[:, :width]).to(x.dtype)

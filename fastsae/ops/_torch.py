@@ -168,22 +168,32 @@ def topk_tie_exact(pre: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """``(selected scores, indices)`` under fastsae's tie rule (descending; lower index first
     among equals). Scores are *not* ReLU'd.
 
-    ``torch.topk`` does not define which of several equal values it keeps, so it is asked for
+    ``torch.topk`` does not say which of several equal values it keeps, so it is asked for
     ``k + 1``: where the k-th and (k+1)-th values differ the chosen set is unique, and only rows
-    where they are equal (a tie straddles the cut) are redone with a stable sort. That costs no
-    extra pass over ``pre``.
+    where they are equal (a tie straddles the cut) are redone with a stable sort. Rows holding
+    equal selected values are then put in index order. Neither costs an extra pass over ``pre``,
+    and neither sorts rows without ties (CPU sorts of short rows cost as much as the ``topk``).
     """
     n = pre.shape[-1]
     top, idx = torch.topk(pre, min(k + 1, n), dim=-1, sorted=True)
     if k < n:
-        ambiguous = top[..., k - 1] == top[..., k]
+        ambiguous = (top[..., k - 1] == top[..., k]) & torch.isfinite(top[..., k - 1])
         top, idx = top[..., :k], idx[..., :k]
         if bool(ambiguous.any()):
             rows = ambiguous.nonzero().squeeze(-1)
             _, order = torch.sort(pre[rows], dim=-1, descending=True, stable=True)
             idx[rows] = order[..., :k]
             top[rows] = pre[rows].gather(-1, idx[rows])
-    return _order_candidates(top, idx)
+    return _index_order_ties(top, idx)
+
+
+def _index_order_ties(top: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
+    """Within rows that hold equal finite scores, order equal scores by index."""
+    ties = ((top[..., 1:] == top[..., :-1]) & torch.isfinite(top[..., 1:])).any(-1)
+    if bool(ties.any()):
+        rows = ties.nonzero().squeeze(-1)
+        top[rows], idx[rows] = _order_candidates(top[rows], idx[rows])
+    return top, idx
 
 
 def _order_candidates(top: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
@@ -256,10 +266,21 @@ def select_topk(
 
 
 def _merge(tops: list[Tensor], idxs: list[Tensor], k: int) -> tuple[Tensor, Tensor]:
+    """Top ``k`` of the slabs' candidates (each slab's already in score order)."""
     if len(tops) == 1:
         return tops[0], idxs[0]
-    top, idx = _order_candidates(torch.cat(tops, dim=-1), torch.cat(idxs, dim=-1))
-    return top[:, :k].contiguous(), idx[:, :k].contiguous()
+    cat_top, cat_idx = torch.cat(tops, dim=-1), torch.cat(idxs, dim=-1)
+    m = cat_top.shape[-1]
+    top, pos = torch.topk(cat_top, min(k + 1, m), dim=-1, sorted=True)
+    idx = cat_idx.gather(-1, pos)
+    if k < m:
+        ambiguous = (top[:, k - 1] == top[:, k]) & torch.isfinite(top[:, k - 1])
+        top, idx = top[:, :k].contiguous(), idx[:, :k].contiguous()
+        if bool(ambiguous.any()):
+            rows = ambiguous.nonzero().squeeze(-1)
+            t, i = _order_candidates(cat_top[rows], cat_idx[rows])
+            top[rows], idx[rows] = t[:, :k], i[:, :k]
+    return _index_order_ties(top, idx)
 
 
 # ------------------------------------------------------------------------------------------------
