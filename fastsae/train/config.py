@@ -127,8 +127,9 @@ class TrainConfig:
     """cpu, cuda, cuda:N, or auto."""
     dtype: str = "float32"
     """Parameter dtype."""
-    out_dir: str = "runs/default"
-    """Where checkpoints, metrics.jsonl, plots and the final SAE go."""
+    out_dir: str | None = None
+    """Where checkpoints, metrics.jsonl, plots and the final SAE go; None: runs/<date-time>. An
+    existing directory with checkpoints is refused unless resuming."""
     eval_every: int = 0
     """Evaluate every N steps on held-out tokens (0: only at the end)."""
     eval_tokens: int = 16384

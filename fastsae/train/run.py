@@ -16,6 +16,7 @@ Order of events (each failure is reported before the expensive steps that follow
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import signal
 import sys
@@ -94,7 +95,14 @@ def run(
     resume_path = resolve_resume(resume) if resume is not None else None
     if resume_path is not None:
         read_checkpoint(resume_path)  # a truncated checkpoint is reported before anything loads
+    if cfg.out_dir is None:
+        cfg = dataclasses.replace(cfg, out_dir=time.strftime("runs/%Y%m%d-%H%M%S"))
     out_dir = Path(cfg.out_dir)
+    if resume_path is None and latest_checkpoint(out_dir) is not None:
+        raise ValueError(
+            f"out_dir={str(out_dir)!r} already holds checkpoints; continue it with --resume "
+            f"{out_dir}, or choose another --out-dir"
+        )
     device = resolve_device(cfg.device)
 
     data = open_data(cfg, device=device, log=log)
@@ -217,7 +225,7 @@ def _maybe_wandb(cfg: TrainConfig, log):
     except ImportError:
         log("wandb=True but the wandb package is not installed; logging to metrics.jsonl only")
         return None
-    return wandb.init(project="fastsae", config=cfg.to_dict(), dir=cfg.out_dir)
+    return wandb.init(project="fastsae", config=cfg.to_dict(), dir=str(cfg.out_dir))
 
 
 def _evaluate(trainer: Trainer, data) -> dict[str, Any]:

@@ -246,3 +246,17 @@ def test_lr_schedule_warmup_constant_decay():
     assert TrainConfig(d_sae=2**16).learning_rate == pytest.approx(
         TrainConfig(d_sae=2**14).learning_rate / 2
     )
+
+
+def test_docs_list_every_training_option():
+    """docs/training.md's option table covers every TrainConfig field."""
+    import dataclasses
+    from pathlib import Path
+
+    text = (Path(__file__).parents[2] / "docs" / "training.md").read_text()
+    missing = [
+        f.name
+        for f in dataclasses.fields(TrainConfig)
+        if f"`--{f.name.replace('_', '-')}`" not in text
+    ]
+    assert missing == []
