@@ -37,7 +37,7 @@ def small_cfg(**kw) -> TrainConfig:
         d_sae=96,
         k=6,
         batch_size=128,
-        buffer_tokens=128,
+        buffer_tokens=256,
         total_tokens=128 * 12,
         dead_tokens=128 * 3,
         warmup_steps=2,
