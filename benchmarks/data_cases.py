@@ -1,7 +1,8 @@
 """Activation-pipeline benchmarks: is the SAE ever waiting for data?
 
 Each function returns a list of result dicts (one per measurement); ``python -m
-benchmarks.data_cases`` runs them all and writes ``benchmarks/results/data-<device>.json``.
+benchmarks.data_cases`` runs them all and appends the run to ``benchmarks/results/data-<device>.json``
+(``{"runs": [{"environment", "results"}, ...]}``).
 
 - :func:`topk_step_rate`: tokens/s that one fastsae TopK training step consumes (loss, backward,
   Adam) at d_in=768, d_sae=16384, k=32, B=4096: the rate the feeder must beat.
@@ -189,9 +190,11 @@ def live_path(
                 )
 
     def raw_in_thread() -> None:
-        # The same loop in a fresh thread, as the shuffler's fill thread runs the model: on this
-        # CPU a forward loop was measured ~1.3x faster in a new thread than in the main thread
-        # (446 vs 648 ms median for 6 batches), an allocator effect, not the pipeline's doing.
+        # The same loop in a fresh thread, as the shuffler's fill thread runs the model. On the
+        # 2-core CPU machine the demo model's forward ran 1.4x (idle) to 9x (loaded by other
+        # jobs) slower in the main thread with torch's 2 intra-op threads than in a new thread,
+        # which was as fast as the main thread with torch.set_num_threads(1) (431 / 411 ms min
+        # for 4 batches). That is torch's threading, not the pipeline, so both are recorded.
         worker = threading.Thread(target=raw)
         worker.start()
         worker.join()
@@ -262,7 +265,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result = {"environment": env, "results": [*step, *cache, *live]}
     out = args.out or RESULTS / f"data-{env['device'].replace(' ', '_').replace('/', '_')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    # Keep earlier runs: on a shared machine one run alone says little about the spread.
+    runs = json.loads(out.read_text()).get("runs", []) if out.exists() else []
+    out.write_text(json.dumps({"runs": [*runs, result]}, indent=2) + "\n")
     for row in result["results"]:
         keys = ("tokens_per_s", "gb_per_s", "x_topk_step_rate", "ratio_vs_raw_run_with_cache",
                 "ratio_vs_raw_run_with_cache_thread", "ratio_vs_raw_run_with_cache_thread_paired")  # fmt: skip
