@@ -106,12 +106,21 @@ def run(
     device = resolve_device(cfg.device)
 
     data = open_data(cfg, device=device, log=log)
+    try:
+        return _run_with_data(cfg, data, device, resume_path, stop_after_steps, log)
+    finally:
+        # Stop the shuffler's threads on every way out: a daemon thread still inside torch at
+        # interpreter exit aborts the process ("terminate called without an active exception").
+        data.close()
+
+
+def _run_with_data(cfg, data, device, resume_path, stop_after_steps, log) -> RunResult:
+    out_dir = Path(cfg.out_dir)
     d_in, d_out = data.d_in, data.d_out or data.d_in
     mem = estimate(cfg, d_in, d_out, optimizer_in_backward=bool(cfg.optimizer_in_backward))
     log(f"memory estimate: {mem.describe()}")
     free = available_bytes(device)
     if mem.device_total > free:
-        data.close()
         raise MemoryError(
             f"this run needs about {mem.device_total / GiB:.1f} GiB on {device} but "
             f"{free / GiB:.1f} GiB is free ({mem.describe()}); lower d_sae or batch_size, or set "
@@ -190,7 +199,6 @@ def run(
 
     sae_dir = trainer.save_sae(out_dir / "sae")
     final = _evaluate(trainer, data)
-    data.close()
     (out_dir / "final_metrics.json").write_text(json.dumps(final, indent=2))
     _plots(out_dir, trainer)
     if wandb_run is not None:
