@@ -31,6 +31,7 @@ if _interpreting():
     raise ImportError("fastsae.kernels.check needs real compilation: unset TRITON_INTERPRET")
 
 import argparse  # noqa: E402
+import multiprocessing  # noqa: E402
 import re  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
@@ -47,7 +48,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.backends.nvidia.compiler import CUDABackend, get_ptxas  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from fastsae.kernels import csr, sparse_decode  # noqa: E402
+from fastsae.kernels import csr, encode_topk, sparse_decode  # noqa: E402
 
 # Targets: A100 (sm_80) and H100 (sm_90; Triton emits PTX for sm_90a there).
 CAPABILITIES = (80, 90)
@@ -124,6 +125,10 @@ def _cases() -> Iterator[Case]:
             yield Case("segment_reduce (grad_W_enc, grad_b_enc)", d, dname, encoder_grad_W)
             yield Case("enc grad_x, W_enc=[n,d_in].T", d, dname, encoder_grad_x_latent_major)
             yield Case("enc grad_x, W_enc=[d_in,n]", d, dname, encoder_grad_x_row_major)
+    # The fused encode + top-k: every specialisation its launcher makes (k, threshold mode,
+    # AuxK, strategies, both W_enc layouts), fp32 and bf16.
+    for cfg in encode_topk.compile_configs():
+        yield Case(cfg.name, cfg.d_in, cfg.dtype, cfg.plan)
 
 
 def _source(kernel, kwargs: dict) -> tuple[ASTSource, dict, str]:
@@ -193,7 +198,11 @@ def main(argv: list[str] | None = None) -> int:
     n_cases = len(list(_cases()))
     jobs = [(i, cap) for cap in CAPABILITIES for i in range(n_cases)]
     if args.jobs > 1:
-        with ProcessPoolExecutor(args.jobs) as pool:
+        # spawn, not fork: building the cases runs torch ops, and a forked child of a process
+        # whose OpenMP pool has started can deadlock on the pool's locks (it did here).
+        with ProcessPoolExecutor(
+            args.jobs, mp_context=multiprocessing.get_context("spawn")
+        ) as pool:
             results = list(pool.map(_compile_one, jobs))
     else:
         results = [_compile_one(job) for job in jobs]

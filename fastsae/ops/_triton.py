@@ -1,18 +1,28 @@
 """The ``triton`` backend: the Triton kernels of :mod:`fastsae.kernels`.
 
-Only the ops below are defined here; every other op falls back to :mod:`fastsae.ops._torch`, then
-:mod:`fastsae.ops._reference` (see :func:`fastsae.ops.implementation_of`). The kernels run on
+The ops below (sparse decode, the sparse encoder backward, and the TopK / BatchTopK / JumpReLU
+encoders built on the fused encode + top-k kernel) are defined here; every other op falls back
+to :mod:`fastsae.ops._torch`, then :mod:`fastsae.ops._reference` (see :func:`fastsae.ops.implementation_of`). The kernels run on
 CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1`` (set before Triton is imported).
 """
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
+from fastsae.kernels.encode_topk import select_topk as _select_topk
 from fastsae.kernels.sparse_decode import sparse_decode as _sparse_decode
 from fastsae.kernels.sparse_encoder_bwd import sparse_encoder_backward as _sparse_encoder_backward
+from fastsae.ops._sparse_encode import make_encode_ops
 
-__all__ = ["sparse_decode", "sparse_encoder_backward"]
+__all__ = [
+    "encode_batch_topk",
+    "encode_jumprelu",
+    "encode_topk",
+    "sparse_decode",
+    "sparse_encoder_backward",
+]
 
 
 def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor) -> Tensor:
@@ -36,3 +46,29 @@ def sparse_encoder_backward(
     Returns ``(grad_W_enc [d_in, d_sae], grad_b_enc [d_sae], grad_x [B, d_in] or None)``.
     """
     return _sparse_encoder_backward(x, indices, grad_pre, W_enc, need_grad_x=need_grad_x)
+
+
+def _select(x_in: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, **kwargs):
+    """The kernel's selection. Its scores are fp32 (the accumulator); for float64 inputs, which
+    only the oracle tests use, they are recomputed in float64 at the selected latents so that
+    values match the oracle to float64 precision."""
+    top, idx, aux_top, aux_idx = _select_topk(x_in, W_enc, b_enc, k, **kwargs)
+    if x_in.dtype == torch.float64:
+        top = _rescore(x_in, W_enc, b_enc, idx, top)
+        if aux_idx is not None:
+            aux_top = _rescore(x_in, W_enc, b_enc, aux_idx, aux_top)
+    return top, idx, aux_top, aux_idx
+
+
+def _rescore(x_in: Tensor, W_enc: Tensor, b_enc: Tensor, idx: Tensor, top: Tensor) -> Tensor:
+    exact = (x_in[:, None, :] * W_enc.T[idx]).sum(-1) + b_enc[idx]
+    return torch.where(torch.isfinite(top), exact, top.to(exact.dtype))
+
+
+# The fused encode + top-k kernel selects; the shared sparse autograd (fastsae/ops/_sparse_encode.py)
+# turns its selection into TopK, BatchTopK and JumpReLU encoders whose backward runs the kernels
+# above.
+_encoders = make_encode_ops(_select)
+encode_topk = _encoders["encode_topk"]
+encode_batch_topk = _encoders["encode_batch_topk"]
+encode_jumprelu = _encoders["encode_jumprelu"]
