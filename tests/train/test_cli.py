@@ -125,7 +125,7 @@ def test_config_errors_are_reported_before_training(tmp_path, capsys, args, mess
 
 def test_unknown_hook_lists_the_nearest_names(tmp_path, capsys):
     code, _ = _train(tmp_path, "--hook", "blocks.1.hook_resid_pots")
-    assert code == 1
+    assert code == 2
     err = capsys.readouterr().err
     assert "blocks.1.hook_resid_post" in err
 
@@ -136,9 +136,12 @@ def test_resume_from_a_truncated_checkpoint_is_refused(tmp_path, capsys):
     (ckpt,) = list_checkpoints(out)
     data = (ckpt / "state.safetensors").read_bytes()
     (ckpt / "state.safetensors").write_bytes(data[:100])
-    with pytest.raises(SystemExit):
-        main(["--resume", out])
-    assert "truncated or corrupt" in capsys.readouterr().err
+    capsys.readouterr()
+    assert main(["--resume", out]) == 2
+    err = capsys.readouterr().err
+    # one line, no usage block (issue 11, item 15)
+    assert err.startswith("error: ") and "truncated or corrupt" in err
+    assert err.count("\n") == 1 and "usage:" not in err
 
 
 def test_help_documents_every_field(capsys):
