@@ -69,7 +69,7 @@ def _data_settings(args: argparse.Namespace, sae) -> dict:
                 "which is gone; pass --dataset (and --model) to evaluate on text"
             )
         settings["cache_dir"] = recorded["cache_dir"]
-    elif recorded.get("dataset") and not args.model:
+    elif recorded.get("dataset"):
         settings["dataset"] = None if recorded["dataset"] == EMBEDDED else recorded["dataset"]
     elif model != EMBEDDED:
         raise ValueError(

@@ -357,3 +357,17 @@ def test_a_full_disk_keeps_the_last_good_checkpoint(tmp_path, capsys, monkeypatc
     assert kept.name == "step-00000001"
     read_checkpoint(kept)
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-00000001"]
+
+
+def test_a_cache_smaller_than_a_batch_is_refused_before_training(tmp_path, capsys):
+    from fastsae.data import TransformerLensSource, text, write_cache
+
+    model = fastsae.demo.model.load_demo_model()
+    seqs = text.token_sequences(text.load_rows(), model.tokenizer, 32)
+    source = TransformerLensSource(model, ["blocks.1.hook_resid_post"])
+    write_cache(tmp_path / "cache", source, seqs, tokens=300)
+    out = tmp_path / "run"
+    assert _run(out, "--cache-dir", str(tmp_path / "cache")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: cache ") and "batch_size=256" in err and err.count("\n") == 1
+    assert not out.exists()
