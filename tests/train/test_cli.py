@@ -124,10 +124,11 @@ def test_config_errors_are_reported_before_training(tmp_path, capsys, args, mess
 
 
 def test_unknown_hook_lists_the_nearest_names(tmp_path, capsys):
-    code, _ = _train(tmp_path, "--hook", "blocks.1.hook_resid_pots")
+    code, out = _train(tmp_path, "--hook", "blocks.1.hook_resid_pots")
     assert code == 2
     err = capsys.readouterr().err
     assert "blocks.1.hook_resid_post" in err
+    assert not os.path.exists(out), "a refused run leaves no directory behind"
 
 
 def test_resume_from_a_truncated_checkpoint_is_refused(tmp_path, capsys):
