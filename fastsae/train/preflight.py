@@ -119,10 +119,11 @@ _MODEL_WIDTH_HOOKS = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "ho
 
 def peek_dims(cfg: TrainConfig) -> tuple[int, int] | None:
     """``(d_in, d_out)`` when known without loading the model (explicit widths, or a
-    residual/MLP hook of the embedded model); ``None`` otherwise."""
-    if cfg.d_in is not None and (cfg.hook_out is None or cfg.d_out is not None):
-        return cfg.d_in, cfg.d_out or cfg.d_in
+    residual/MLP hook of the embedded model); ``None`` otherwise. An explicit ``d_in`` that
+    disagrees with the embedded model's hook is refused here."""
     if cfg.cache_dir is not None or cfg.model != "embedded":
+        if cfg.d_in is not None and (cfg.hook_out is None or cfg.d_out is not None):
+            return cfg.d_in, cfg.d_out or cfg.d_in
         return None
     from fastsae.demo.model import ASSETS, _read_config
 
@@ -135,7 +136,10 @@ def peek_dims(cfg: TrainConfig) -> tuple[int, int] | None:
             return hooked["d_mlp"]
         return None
 
-    d_in = cfg.d_in or width(cfg.hook)
+    hook_width = width(cfg.hook)
+    if cfg.d_in is not None and hook_width is not None and cfg.d_in != hook_width:
+        raise ValueError(f"d_in={cfg.d_in} does not match the activations' width {hook_width}")
+    d_in = cfg.d_in or hook_width
     d_out = cfg.d_out or (width(cfg.hook_out) if cfg.hook_out else d_in)
     return (d_in, d_out) if d_in and d_out else None
 

@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 import fastsae
+import fastsae.demo.model
 from fastsae.train.__main__ import main
 from fastsae.train.checkpoint import list_checkpoints
 
@@ -113,7 +114,11 @@ def test_sigterm_writes_a_checkpoint_and_exits_cleanly(tmp_path):
         (["--d-in", "77"], "d_in=77 does not match the activations' width 128"),
     ],
 )
-def test_config_errors_are_reported_before_training(tmp_path, capsys, args, message):
+def test_config_errors_are_reported_before_training(tmp_path, capsys, monkeypatch, args, message):
+    def refuse(*a, **k):
+        raise AssertionError("the model was loaded before the error")
+
+    monkeypatch.setattr(fastsae.demo.model, "load_demo_model", refuse)
     try:
         code, _ = _train(tmp_path, *args)
     except SystemExit as e:  # argparse's error path
