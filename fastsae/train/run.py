@@ -109,9 +109,8 @@ def run(
 
     resume_path = resolve_resume(resume) if resume is not None else None
     if resume_path is not None:
-        meta, _ = read_checkpoint(
-            resume_path
-        )  # a truncated checkpoint is reported before anything loads
+        # A truncated checkpoint, or a flag that conflicts with it, is reported before anything loads.
+        meta, _ = read_checkpoint(resume_path)
         saved = TrainConfig.from_dict(meta["config"])
         cfg = check_resume_config(cfg, saved, run_directory_of(resume_path))
     elif cfg.out_dir is None:
