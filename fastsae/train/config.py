@@ -69,7 +69,7 @@ class TrainConfig:
     aux_coeff: float = 1 / 32
     """AuxK coefficient (top-k family)."""
     k_aux: int | None = None
-    """Dead latents used by AuxK per token; None: d_out // 2."""
+    """Dead latents used by AuxK per token, in [1, d_sae]; None: d_out // 2."""
     dead_tokens: int = 10_000_000
     """A latent that has not fired for this many tokens counts as dead."""
     l1_coeff: float = 1.0
@@ -132,10 +132,11 @@ class TrainConfig:
     device: str = "auto"
     """cpu, cuda, cuda:N, or auto."""
     dtype: str = "float32"
-    """Parameter dtype."""
+    """Parameter dtype: float32 or float64; float16 and bfloat16 need a CUDA device."""
     out_dir: str | None = None
     """Where checkpoints, metrics.jsonl, plots and the final SAE go; None: runs/<date-time>. An
-    existing directory with checkpoints is refused unless resuming."""
+    existing directory with checkpoints is refused unless resuming; a run holds a lock on it, so
+    a second run into it is refused."""
     eval_every: int = 0
     """Evaluate every N steps on held-out tokens (0: only at the end)."""
     eval_tokens: int = 16384
