@@ -16,8 +16,16 @@ from fastsae.cli import add_dataclass_arguments, dataclass_from_args
 from fastsae.train.config import PRESETS, TrainConfig, load_config_file
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error: ``error: ...`` and exit status 2, without the usage block
+    (the usage of every generated flag runs to dozens of lines; ``--help`` has it all)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="python -m fastsae.train",
         description=__doc__.split("\n\n")[1],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -38,10 +46,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """Defaults -> preset -> config file -> flags (or the checkpoint's config with --resume)."""
+    if args.stop_after_steps is not None and args.stop_after_steps < 1:
+        raise ValueError(f"--stop-after-steps {args.stop_after_steps} must be >= 1")
     if args.resume:
         from fastsae.train.checkpoint import read_checkpoint
         from fastsae.train.run import resolve_resume
 
+        for flag, value in (("--preset", args.preset), ("--config", args.config)):
+            if value:
+                raise ValueError(f"{flag} cannot be combined with --resume: a resumed run keeps "
+                                 "the config saved in its checkpoint")  # fmt: skip
         meta, _ = read_checkpoint(resolve_resume(args.resume))
         base = TrainConfig.from_dict(meta["config"])
     else:
@@ -53,12 +67,16 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit status: 0 done, 130 interrupted (checkpoint written), 2 bad input (one ``error:``
+    line, before anything loads where it can be), 1 a failure while running (non-finite loss,
+    out of memory, a write that failed)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         cfg = config_from_args(args)
     except (ValueError, TypeError) as e:
-        parser.error(str(e))
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if args.print_config:
         print(json.dumps(dataclasses.asdict(cfg), indent=2))
         return 0
@@ -67,7 +85,10 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         result = run(cfg, resume=args.resume, stop_after_steps=args.stop_after_steps)
-    except (NonFiniteLossError, MemoryError, ValueError) as e:
+    except (ValueError, TypeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (NonFiniteLossError, MemoryError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     if result["status"] == "interrupted":

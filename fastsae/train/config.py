@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -21,6 +22,11 @@ __all__ = ["PRESETS", "TrainConfig", "default_lr", "load_config_file"]
 
 #: Learning rate at 2^14 latents; the default scales as 1 / sqrt(d_sae / 2^14) (Gao et al. 2024).
 BASE_LR = 4e-4
+
+
+#: Parameter dtypes a run accepts (float16/bfloat16 need a CUDA device: see ``run``).
+TRAIN_DTYPES = ("float32", "float64", "float16", "bfloat16")
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
 def default_lr(d_sae: int) -> float:
@@ -63,7 +69,7 @@ class TrainConfig:
     aux_coeff: float = 1 / 32
     """AuxK coefficient (top-k family)."""
     k_aux: int | None = None
-    """Dead latents used by AuxK per token; None: d_out // 2."""
+    """Dead latents used by AuxK per token, in [1, d_sae]; None: d_out // 2."""
     dead_tokens: int = 10_000_000
     """A latent that has not fired for this many tokens counts as dead."""
     l1_coeff: float = 1.0
@@ -126,10 +132,11 @@ class TrainConfig:
     device: str = "auto"
     """cpu, cuda, cuda:N, or auto."""
     dtype: str = "float32"
-    """Parameter dtype."""
+    """Parameter dtype: float32 or float64; float16 and bfloat16 need a CUDA device."""
     out_dir: str | None = None
     """Where checkpoints, metrics.jsonl, plots and the final SAE go; None: runs/<date-time>. An
-    existing directory with checkpoints is refused unless resuming."""
+    existing directory with checkpoints is refused unless resuming; a run holds a lock on it, so
+    a second run into it is refused."""
     eval_every: int = 0
     """Evaluate every N steps on held-out tokens (0: only at the end)."""
     eval_tokens: int = 16384
@@ -188,6 +195,44 @@ class TrainConfig:
             )
         if self.d_in is not None and self.d_in < 1:
             raise ValueError(f"d_in={self.d_in} must be >= 1")
+        self._check_ranges()
+
+    def _check_ranges(self) -> None:
+        """Counts, cadences and coefficients: each in its allowed range, named when it is not."""
+        for name in ("log_every", "eval_tokens", "dead_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        for name in (
+            "warmup_steps",
+            "sparsity_warmup_steps",
+            "eval_every",
+            "checkpoint_every_tokens",
+            "aux_coeff",
+            "l1_coeff",
+            "l0_coeff",
+        ):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
+        if self.k_aux is not None and not 1 <= self.k_aux <= self.d_sae:
+            raise ValueError(f"k_aux={self.k_aux} must be in [1, d_sae={self.d_sae}] (or None)")
+        if self.total_tokens < self.batch_size:
+            raise ValueError(
+                f"total_tokens={self.total_tokens} must be >= batch_size={self.batch_size} "
+                "(at least one optimizer step)"
+            )
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be in [0, 1)")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ValueError(f"grad_clip={self.grad_clip} must be > 0 (or None)")
+        if not 0 < self.topk_threshold_lr <= 1:
+            raise ValueError(f"topk_threshold_lr={self.topk_threshold_lr} must be in (0, 1]")
+        if self.dtype not in TRAIN_DTYPES:
+            raise ValueError(
+                f"dtype={self.dtype!r} is not supported; allowed: {', '.join(TRAIN_DTYPES)}"
+            )
+        if not _DEVICE.fullmatch(self.device):
+            raise ValueError(f"device={self.device!r} is unknown; allowed: auto, cpu, cuda, cuda:N")
 
     # -- derived -----------------------------------------------------------------------------------
 
@@ -259,11 +304,16 @@ PRESETS: dict[str, dict[str, Any]] = {
 def load_config_file(path: str | Path) -> dict[str, Any]:
     """Read a JSON or YAML config file into a dict (validated later by :class:`TrainConfig`)."""
     path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"config file {str(path)!r} does not exist or is not a file")
     text = path.read_text()
     if path.suffix in (".yaml", ".yml"):
         import yaml
 
-        data = yaml.safe_load(text)
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ValueError(f"{path} is not valid YAML: {e}") from None
     else:
         try:
             data = json.loads(text)

@@ -8,6 +8,11 @@ activation cache). Epoch ``e`` is one :class:`~fastsae.data.ActivationShuffler` 
 skips the batches already used (for a live model this recomputes their activations: exact, at
 the price of the model's forward passes).
 
+One model, one user at a time: the shuffler's fill thread runs the model in the background while
+training steps, and an evaluation runs it too (and splices hooks into it). Every model call holds
+:attr:`TrainData.model_lock`, so evaluation and data never share the model concurrently (a
+shared model mixed hooks across threads: wrong activations, nondeterminism, shape errors).
+
 Held out: for the embedded corpus, its ``held_out`` split (chapters the model never saw); for
 other text, the first ``eval_tokens`` of the stream, which are then left out of training; for a
 cache, its first ``eval_tokens`` rows, likewise left out.
@@ -16,7 +21,8 @@ cache, its first ``eval_tokens`` rows, likewise left out.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+import threading
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -40,6 +46,8 @@ class TrainData:
         self._iter: Iterator | None = None
         self.model = None
         self.is_transformer_lens = False
+        #: Held by every model call (the fill thread's and evaluation's); see the module docstring.
+        self.model_lock = threading.RLock()
         self.hooks = [cfg.hook] + ([cfg.hook_out] if cfg.hook_out else [])
         if cfg.cache_dir is not None:
             self._open_cache()
@@ -112,7 +120,23 @@ class TrainData:
         seqs = text.token_sequences(rows, self.opened.tokenizer, self.context_size)
         if self._skip_sequences:
             seqs = (s for i, s in enumerate(seqs) if i >= self._skip_sequences)
-        return self.source.stream(text.token_batches(seqs, cfg.model_batch_size))
+        return self._locked(self.source.stream(text.token_batches(seqs, cfg.model_batch_size)))
+
+    def _locked(self, chunks: Iterable[dict[str, Tensor]]) -> Iterator[dict[str, Tensor]]:
+        """``chunks``, each one computed while holding :attr:`model_lock`."""
+        iterator = iter(chunks)
+        while True:
+            with self.model_lock:
+                try:
+                    chunk = next(iterator)
+                except StopIteration:
+                    return
+            yield chunk
+
+    def using_model(self) -> threading.RLock:
+        """Hold the model for the duration of a ``with`` block (evaluation): the fill thread
+        waits until it ends (a cache has no model; nothing waits)."""
+        return self.model_lock
 
     def _start_epoch(self) -> None:
         from fastsae.data import ActivationShuffler
@@ -179,7 +203,8 @@ class TrainData:
 
         seen = 0
         for tokens in text.token_batches(self._eval_seqs, cfg.model_batch_size):
-            acts = self.source.activations(tokens)
+            with self.model_lock:
+                acts = self.source.activations(tokens)
             x = acts[cfg.hook].float()
             yield x, acts[cfg.hook_out].float() if cfg.hook_out else None
             seen += x.shape[0]
@@ -190,6 +215,21 @@ class TrainData:
         """``[n_seq, ctx]`` held-out token sequences (about ``eval_tokens`` tokens)."""
         n = max(1, math.ceil(self.cfg.eval_tokens / self.context_size))
         return torch.stack(self._eval_seqs[:n])
+
+    def record(self) -> dict[str, Any]:
+        """What the SAE was trained on, kept in its ``cfg.json`` (``metadata.fastsae_data``) so
+        that ``python -m fastsae.eval`` evaluates on the same held-out data."""
+        cfg = self.cfg
+        return {
+            "model": None if cfg.cache_dir is not None else cfg.model,
+            "hook": cfg.hook,
+            "hook_out": cfg.hook_out,
+            "dataset": None if cfg.cache_dir is not None else (cfg.dataset or "embedded"),
+            "cache_dir": cfg.cache_dir,
+            "context_size": getattr(self, "context_size", cfg.context_size),
+            "eval_tokens": cfg.eval_tokens,
+            "model_batch_size": cfg.model_batch_size,
+        }
 
     def close(self) -> None:
         if self._shuffler is not None:

@@ -11,7 +11,9 @@ All figures are bytes. The estimate counts what fastsae itself allocates on the 
   ``[B, d_sae]`` tensors for relu/jumprelu/gated, which need them for their penalties).
 
 The model that produces activations is not counted (it is the user's choice and can live on
-another device); the shuffler's host buffer is reported separately.
+another device); the shuffler's host buffer (``1.5 * buffer_tokens`` rows: the mixing buffer and
+the spare rows being refilled) is reported separately, and on the CPU it counts against the same
+memory as the rest (``fastsae.train.preflight.check_memory``).
 """
 
 from __future__ import annotations
@@ -77,7 +79,10 @@ def estimate(cfg, d_in: int, d_out: int, *, optimizer_in_backward: bool = False)
         grads=grads,
         adam=2 * params * 4,
         activations=acts,
-        host_buffer=cfg.buffer_tokens * (d_in + (d_out if cfg.hook_out else 0)) * 4,
+        # The shuffler holds buffer_tokens rows plus up to half as many spare rows being refilled.
+        host_buffer=(cfg.buffer_tokens + cfg.buffer_tokens // 2)
+        * (d_in + (d_out if cfg.hook_out else 0))
+        * 4,
     )
 
 

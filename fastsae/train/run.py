@@ -2,14 +2,19 @@
 
 Order of events (each failure is reported before the expensive steps that follow it):
 
-1. the config is validated (``TrainConfig.__post_init__``), and ``--resume`` is checked;
-2. the memory estimate is printed, and the run refuses if it cannot fit the device;
-3. the model and data are opened (an unknown hook is reported with the nearest valid names);
-4. the loop: ``Trainer.step`` on shuffled activations, ``metrics.jsonl``, a tqdm bar, an
+1. the config is validated (``TrainConfig.__post_init__``); ``--resume`` is checked (the
+   checkpoint reads, and no flag changes the SAE or its data: ``preflight.check_resume_config``);
+2. the device, dtype and backend are checked, and the memory estimate (device and host) is
+   printed where the widths are known without the model; the run refuses if it cannot fit;
+3. ``out_dir`` is created and locked (``outdir.locked_run_directory``): a second run into it is
+   refused;
+4. the model and data are opened (an unknown hook is reported with the nearest valid names), and
+   the memory check runs with the real widths if it could not before;
+5. the loop: ``Trainer.step`` on shuffled activations, ``metrics.jsonl``, a tqdm bar, an
    evaluation every ``eval_every`` steps, a checkpoint every ``checkpoint_every_tokens``;
-5. SIGINT/SIGTERM: a checkpoint, then a clean exit; a NaN/inf loss: stop, keep the last good
+6. SIGINT/SIGTERM: a checkpoint, then a clean exit; a NaN/inf loss: stop, keep the last good
    checkpoint, name the step;
-6. at the end: a checkpoint, the SAE in SAELens v6 format (``OUT/sae``), the final evaluation,
+7. at the end: a checkpoint, the SAE in SAELens v6 format (``OUT/sae``), the final evaluation,
    plots.
 """
 
@@ -34,12 +39,18 @@ from fastsae.train.checkpoint import (
     save_checkpoint,
 )
 from fastsae.train.config import TrainConfig
-from fastsae.train.memory import available_bytes, estimate
+from fastsae.train.outdir import locked_run_directory, truncate_metrics, write_errors
+from fastsae.train.preflight import (
+    absolute_paths,
+    check_device_support,
+    check_memory,
+    check_resume_config,
+    peek_dims,
+    run_directory_of,
+)
 from fastsae.train.trainer import NonFiniteLossError, Trainer, resolve_device
 
 __all__ = ["RunResult", "run", "resolve_resume"]
-
-GiB = 2**30
 
 
 class RunResult(dict):
@@ -87,6 +98,10 @@ def run(
 ) -> RunResult:
     """Train ``cfg`` end to end; see the module docstring.
 
+    ``resume``: a run directory (its newest checkpoint) or a checkpoint directory. The run
+    continues in the directory the checkpoint lies in, whatever ``out_dir`` it was saved with, and
+    ``cfg`` may differ from the saved config only in :data:`~fastsae.train.preflight.RESUME_CHANGEABLE`.
+
     ``stop_after_steps``: leave (with a checkpoint, status ``interrupted``) after that many steps
     in this session, e.g. to fit a time-sliced job; ``--resume`` continues exactly.
     """
@@ -94,38 +109,38 @@ def run(
 
     resume_path = resolve_resume(resume) if resume is not None else None
     if resume_path is not None:
-        read_checkpoint(resume_path)  # a truncated checkpoint is reported before anything loads
-    if cfg.out_dir is None:
+        # A truncated checkpoint, or a flag that conflicts with it, is reported before anything loads.
+        meta, _ = read_checkpoint(resume_path)
+        saved = TrainConfig.from_dict(meta["config"])
+        cfg = check_resume_config(cfg, saved, run_directory_of(resume_path))
+    elif cfg.out_dir is None:
         cfg = dataclasses.replace(cfg, out_dir=time.strftime("runs/%Y%m%d-%H%M%S"))
-    out_dir = Path(cfg.out_dir)
-    if resume_path is None and latest_checkpoint(out_dir) is not None:
-        raise ValueError(
-            f"out_dir={str(out_dir)!r} already holds checkpoints; continue it with --resume "
-            f"{out_dir}, or choose another --out-dir"
-        )
+    cfg = absolute_paths(cfg)
     device = resolve_device(cfg.device)
+    check_device_support(cfg, device)
+    dims = peek_dims(cfg)
+    if dims is not None:
+        check_memory(cfg, *dims, device, log)
+    with locked_run_directory(cfg.out_dir) as out_dir:
+        if resume_path is None and latest_checkpoint(out_dir) is not None:
+            raise ValueError(
+                f"out_dir={str(out_dir)!r} already holds checkpoints; continue it with --resume "
+                f"{out_dir}, or choose another --out-dir"
+            )
+        data = open_data(cfg, device=device, log=log)
+        try:
+            return _run_with_data(cfg, data, device, resume_path, stop_after_steps, log, dims)
+        finally:
+            # Stop the shuffler's threads on every way out: a daemon thread still inside torch at
+            # interpreter exit aborts the process ("terminate called without an active exception").
+            data.close()
 
-    data = open_data(cfg, device=device, log=log)
-    try:
-        return _run_with_data(cfg, data, device, resume_path, stop_after_steps, log)
-    finally:
-        # Stop the shuffler's threads on every way out: a daemon thread still inside torch at
-        # interpreter exit aborts the process ("terminate called without an active exception").
-        data.close()
 
-
-def _run_with_data(cfg, data, device, resume_path, stop_after_steps, log) -> RunResult:
+def _run_with_data(cfg, data, device, resume_path, stop_after_steps, log, checked) -> RunResult:
     out_dir = Path(cfg.out_dir)
     d_in, d_out = data.d_in, data.d_out or data.d_in
-    mem = estimate(cfg, d_in, d_out, optimizer_in_backward=bool(cfg.optimizer_in_backward))
-    log(f"memory estimate: {mem.describe()}")
-    free = available_bytes(device)
-    if mem.device_total > free:
-        raise MemoryError(
-            f"this run needs about {mem.device_total / GiB:.1f} GiB on {device} but "
-            f"{free / GiB:.1f} GiB is free ({mem.describe()}); lower d_sae or batch_size, or set "
-            "optimizer_in_backward=True"
-        )
+    if checked != (d_in, d_out):  # not estimated before loading, or other widths
+        check_memory(cfg, d_in, d_out, device, log)
 
     trainer = Trainer(
         cfg,
@@ -135,18 +150,29 @@ def _run_with_data(cfg, data, device, resume_path, stop_after_steps, log) -> Run
         hook_name_out=cfg.hook_out,
         model_name=data.model_name,
     )
+    trainer.sae.cfg.metadata["fastsae_data"] = data.record()
     if resume_path is not None:
         data_state = load_checkpoint(trainer, resume_path)
         data.load_state_dict(data_state)
         log(f"resumed from {resume_path} at step {trainer.step_count}")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+
+    def last_good():
+        return latest_checkpoint(out_dir)
+
+    def checkpoint() -> Path:
+        with write_errors(f"a checkpoint of step {trainer.step_count}", last_good):
+            return save_checkpoint(trainer, out_dir, data_state=data.state_dict())
+
+    metrics_path = out_dir / "metrics.jsonl"
+    with write_errors(f"{out_dir}/config.json and metrics.jsonl", last_good):
+        (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        # Resume replays the steps after the checkpoint; a fresh start drops a killed run's lines.
+        truncate_metrics(metrics_path, trainer.step_count)
     wandb_run = _maybe_wandb(cfg, log)
     status = "done"
     next_checkpoint = _next_multiple(trainer.tokens, cfg.checkpoint_every_tokens)
     bar = _progress(cfg, trainer)
     first_step = trainer.step_count
-    metrics_path = out_dir / "metrics.jsonl"
     try:
         with _stop_on_signals() as stop, open(metrics_path, "a") as metrics_file:
             while trainer.step_count < cfg.total_steps:
@@ -154,12 +180,12 @@ def _run_with_data(cfg, data, device, resume_path, stop_after_steps, log) -> Run
                 try:
                     m = trainer.step(x, y)
                 except NonFiniteLossError as e:
-                    kept = latest_checkpoint(out_dir)
-                    e.args = (f"{e}; last good checkpoint: {kept or 'none written yet'}",)
+                    e.args = (f"{e}; last good checkpoint: {last_good() or 'none written yet'}",)
                     raise
                 if trainer.step_count % cfg.log_every == 0 or trainer.step_count == cfg.total_steps:
-                    metrics_file.write(json.dumps(m) + "\n")
-                    metrics_file.flush()
+                    with write_errors(str(metrics_path), last_good):
+                        metrics_file.write(json.dumps(m) + "\n")
+                        metrics_file.flush()
                     if wandb_run is not None:
                         wandb_run.log(m, step=trainer.step_count)
                 if bar is not None:
@@ -176,9 +202,12 @@ def _run_with_data(cfg, data, device, resume_path, stop_after_steps, log) -> Run
                     )
                 if cfg.eval_every and trainer.step_count % cfg.eval_every == 0:
                     ev = _evaluate(trainer, data)
-                    metrics_file.write(json.dumps({"step": trainer.step_count, "eval": ev}) + "\n")
+                    with write_errors(str(metrics_path), last_good):
+                        metrics_file.write(
+                            json.dumps({"step": trainer.step_count, "eval": ev}) + "\n"
+                        )
                 if next_checkpoint and trainer.tokens >= next_checkpoint:
-                    save_checkpoint(trainer, out_dir, data_state=data.state_dict())
+                    checkpoint()
                     next_checkpoint = _next_multiple(trainer.tokens, cfg.checkpoint_every_tokens)
                 if stop["signal"] is not None or (
                     stop_after_steps is not None
@@ -186,21 +215,26 @@ def _run_with_data(cfg, data, device, resume_path, stop_after_steps, log) -> Run
                 ):
                     status = "interrupted"
                     break
-        path = save_checkpoint(trainer, out_dir, data_state=data.state_dict())
+        path = checkpoint()
         if status == "interrupted":
-            log(
-                f"\nstopped by signal {stop['signal']} at step {trainer.step_count}; checkpoint: {path}"
+            reason = (
+                f"signal {signal.Signals(stop['signal']).name}"
+                if stop["signal"] is not None
+                else f"--stop-after-steps {stop_after_steps}"
             )
+            log(f"\nstopped by {reason} at step {trainer.step_count}; checkpoint: {path}")
             log(f"resume with: python -m fastsae.train --resume {out_dir}")
             return RunResult(status=status, out_dir=str(out_dir), checkpoint=str(path))
     finally:
         if bar is not None:
             bar.close()
 
-    sae_dir = trainer.save_sae(out_dir / "sae")
+    with write_errors(f"the SAE to {out_dir / 'sae'}", last_good):
+        sae_dir = trainer.save_sae(out_dir / "sae")
     final = _evaluate(trainer, data)
-    (out_dir / "final_metrics.json").write_text(json.dumps(final, indent=2))
-    _plots(out_dir, trainer)
+    with write_errors(f"final metrics and plots in {out_dir}", last_good):
+        (out_dir / "final_metrics.json").write_text(json.dumps(final, indent=2))
+        _plots(out_dir, trainer)
     if wandb_run is not None:
         wandb_run.log({f"final/{k}": v for k, v in final.items()})
         wandb_run.finish()
@@ -241,13 +275,19 @@ def _evaluate(trainer: Trainer, data) -> dict[str, Any]:
 
     sae = trainer.inference_sae()
     start = time.perf_counter()
-    metrics = reconstruction_metrics(sae, data.eval_batches())
-    if data.model is not None and data.is_transformer_lens:
-        metrics.update(
-            model_scores(
-                sae, data.model, data.eval_tokens(), trainer.cfg.hook, hook_out=trainer.cfg.hook_out
+    # The shuffler's fill thread runs the same model: it waits while the evaluation holds it.
+    with data.using_model():
+        metrics = reconstruction_metrics(sae, data.eval_batches())
+        if data.model is not None and data.is_transformer_lens:
+            metrics.update(
+                model_scores(
+                    sae,
+                    data.model,
+                    data.eval_tokens(),
+                    trainer.cfg.hook,
+                    hook_out=trainer.cfg.hook_out,
+                )
             )
-        )
     metrics["eval_seconds"] = time.perf_counter() - start
     return metrics
 

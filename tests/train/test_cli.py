@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 import fastsae
+import fastsae.demo.model
 from fastsae.train.__main__ import main
 from fastsae.train.checkpoint import list_checkpoints
 
@@ -113,7 +114,11 @@ def test_sigterm_writes_a_checkpoint_and_exits_cleanly(tmp_path):
         (["--d-in", "77"], "d_in=77 does not match the activations' width 128"),
     ],
 )
-def test_config_errors_are_reported_before_training(tmp_path, capsys, args, message):
+def test_config_errors_are_reported_before_training(tmp_path, capsys, monkeypatch, args, message):
+    def refuse(*a, **k):
+        raise AssertionError("the model was loaded before the error")
+
+    monkeypatch.setattr(fastsae.demo.model, "load_demo_model", refuse)
     try:
         code, _ = _train(tmp_path, *args)
     except SystemExit as e:  # argparse's error path
@@ -124,10 +129,11 @@ def test_config_errors_are_reported_before_training(tmp_path, capsys, args, mess
 
 
 def test_unknown_hook_lists_the_nearest_names(tmp_path, capsys):
-    code, _ = _train(tmp_path, "--hook", "blocks.1.hook_resid_pots")
-    assert code == 1
+    code, out = _train(tmp_path, "--hook", "blocks.1.hook_resid_pots")
+    assert code == 2
     err = capsys.readouterr().err
     assert "blocks.1.hook_resid_post" in err
+    assert not os.path.exists(out), "a refused run leaves no directory behind"
 
 
 def test_resume_from_a_truncated_checkpoint_is_refused(tmp_path, capsys):
@@ -136,9 +142,12 @@ def test_resume_from_a_truncated_checkpoint_is_refused(tmp_path, capsys):
     (ckpt,) = list_checkpoints(out)
     data = (ckpt / "state.safetensors").read_bytes()
     (ckpt / "state.safetensors").write_bytes(data[:100])
-    with pytest.raises(SystemExit):
-        main(["--resume", out])
-    assert "truncated or corrupt" in capsys.readouterr().err
+    capsys.readouterr()
+    assert main(["--resume", out]) == 2
+    err = capsys.readouterr().err
+    # one line, no usage block (issue 11, item 15)
+    assert err.startswith("error: ") and "truncated or corrupt" in err
+    assert err.count("\n") == 1 and "usage:" not in err
 
 
 def test_help_documents_every_field(capsys):
