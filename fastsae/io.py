@@ -24,9 +24,6 @@ Only safetensors and JSON are ever read: no pickle, so loading a file runs no co
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -36,9 +33,17 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+from fastsae.atomic import atomic_directory, remove_stale_temporaries
 from fastsae.config import SAEConfig, dtype_from_name
 
-__all__ = ["SAELENS_VERSION", "atomic_directory", "load", "load_sparsity", "save_sae"]
+__all__ = [
+    "SAELENS_VERSION",
+    "atomic_directory",
+    "load",
+    "load_sparsity",
+    "remove_stale_temporaries",
+    "save_sae",
+]
 
 CFG = "cfg.json"
 WEIGHTS = "sae_weights.safetensors"
@@ -68,53 +73,6 @@ _FROM_SAELENS = {
     "jumprelu_skip_transcoder": ("jumprelu", True),
     "gated": ("gated", False),
 }
-
-
-# ------------------------------------------------------------------------------------------------
-# Atomic writes
-# ------------------------------------------------------------------------------------------------
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_directory(path: str | Path, writers: dict[str, Callable[[Path], None]]) -> Path:
-    """Write the files of ``writers`` (name -> ``fn(file_path)``) into directory ``path`` atomically.
-
-    Every file is written and fsynced in a temporary sibling directory first. A new directory is
-    then renamed into place in one step; an existing one has its files replaced one by one with
-    ``os.replace``, ``cfg.json`` last, so a reader never sees a half-written file. If anything
-    fails, the temporary directory is removed and ``path`` is left as it was.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        for name, write in writers.items():
-            target = tmp / name
-            write(target)
-            with open(target, "rb") as f:
-                os.fsync(f.fileno())
-        _fsync_dir(tmp)
-        if not path.exists():
-            os.rename(tmp, path)
-        else:
-            if not path.is_dir():
-                raise ValueError(f"{path} exists and is not a directory")
-            for name in sorted(writers, key=lambda n: n == CFG):
-                os.replace(tmp / name, path / name)
-            shutil.rmtree(tmp)
-        _fsync_dir(path.parent)
-        _fsync_dir(path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return path
 
 
 # ------------------------------------------------------------------------------------------------

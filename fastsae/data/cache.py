@@ -18,18 +18,16 @@ after it was written, fsynced and renamed into place (see :mod:`fastsae.data.wri
 from __future__ import annotations
 
 import bisect
-import hashlib
 import json
-import os
-import tempfile
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
+from fastsae.atomic import atomic_write, sha256_file
 from fastsae.config import dtype_from_name, dtype_name
 from fastsae.data.sources import TOKENS
 
@@ -53,14 +51,6 @@ def shard_name(index: int) -> str:
     return f"shard-{index:05d}.bin"
 
 
-def sha256_file(path: Path, block: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(block):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def column_layout(columns: Sequence[dict[str, Any]], n: int) -> tuple[dict[str, int], int]:
     """Byte offset of each column of an ``n``-token shard, and the shard's size in bytes."""
     offsets: dict[str, int] = {}
@@ -74,32 +64,6 @@ def column_layout(columns: Sequence[dict[str, Any]], n: int) -> tuple[dict[str, 
 
 def dtype_from_name_any(name: str) -> torch.dtype:
     return TOKEN_DTYPE if name == dtype_name(TOKEN_DTYPE) else dtype_from_name(name)
-
-
-def atomic_write(path: Path, write: Callable[[Any], None]) -> None:
-    """Write ``path`` through ``write(file)`` into a temporary sibling, fsync, rename, fsync dir."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual file mode
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def write_manifest(directory: Path, manifest: dict[str, Any]) -> None:

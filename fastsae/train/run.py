@@ -29,6 +29,7 @@ import torch
 
 from fastsae.train.checkpoint import (
     latest_checkpoint,
+    latest_good_checkpoint,
     load_checkpoint,
     read_checkpoint,
     save_checkpoint,
@@ -154,7 +155,7 @@ def _run_with_data(cfg, data, device, resume_path, stop_after_steps, log) -> Run
                 try:
                     m = trainer.step(x, y)
                 except NonFiniteLossError as e:
-                    kept = latest_checkpoint(out_dir)
+                    kept = latest_good_checkpoint(out_dir)
                     e.args = (f"{e}; last good checkpoint: {kept or 'none written yet'}",)
                     raise
                 if trainer.step_count % cfg.log_every == 0 or trainer.step_count == cfg.total_steps:

@@ -1,0 +1,117 @@
+"""Checkpoint integrity (issue 11): a sha256 per tensor file, finite tensors only, and the cleanup
+of temporaries left by killed saves."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from fastsae.train import CheckpointError, Trainer, load_checkpoint, save_checkpoint
+from fastsae.train.checkpoint import (
+    latest_good_checkpoint,
+    list_checkpoints,
+    read_checkpoint,
+)
+from tests.train.test_trainer import _KILL_MID_WRITE, _run, small_cfg
+
+
+def _flip_byte(path, offset):
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def test_sha256_of_the_tensor_file_is_stored(tmp_path):
+    path = save_checkpoint(_run(small_cfg(), 0, 2), tmp_path)
+    meta = json.loads((path / "state.json").read_text())
+    assert meta["format"] == 2 and len(meta["sha256"]["state.safetensors"]) == 64
+
+
+def test_a_flipped_data_bit_is_reported_naming_the_file(tmp_path):
+    path = save_checkpoint(_run(small_cfg(), 0, 2), tmp_path)
+    tensor_file = path / "state.safetensors"
+    _flip_byte(tensor_file, tensor_file.stat().st_size - 100)  # a data byte, not the header
+    load_file(str(tensor_file))  # still a well-formed safetensors file: only the checksum sees it
+    with pytest.raises(
+        CheckpointError, match=r"state.safetensors is truncated or corrupt: its sha256"
+    ):
+        load_checkpoint(Trainer(small_cfg()), path)
+    assert latest_good_checkpoint(tmp_path) is None
+
+
+def _rewrite_with_nan(path):
+    """A NaN in W_dec, with a matching checksum (as if the run itself had saved it)."""
+    tensors = load_file(str(path / "state.safetensors"))
+    tensors["sae/W_dec"][0, 0] = float("nan")
+    save_file(tensors, str(path / "state.safetensors"))
+    meta = json.loads((path / "state.json").read_text())
+    from fastsae.atomic import sha256_file
+
+    meta["sha256"]["state.safetensors"] = sha256_file(path / "state.safetensors")
+    (path / "state.json").write_text(json.dumps(meta))
+
+
+def test_non_finite_checkpoint_is_not_good(tmp_path):
+    trainer = _run(small_cfg(), 0, 2)
+    good = save_checkpoint(trainer, tmp_path)
+    trainer.step(torch.randn(128, 24))
+    bad = save_checkpoint(trainer, tmp_path)
+    _rewrite_with_nan(bad)
+    with pytest.raises(CheckpointError, match="non-finite values in sae/W_dec"):
+        read_checkpoint(bad)
+    assert latest_good_checkpoint(tmp_path) == good
+
+
+def test_non_finite_weights_are_never_saved(tmp_path):
+    trainer = _run(small_cfg(), 0, 2)
+    good = save_checkpoint(trainer, tmp_path)
+    trainer.step(torch.randn(128, 24))
+    with torch.no_grad():
+        trainer.sae.W_enc[0, 0] = float("inf")
+    with pytest.raises(CheckpointError, match=rf"non-finite values in sae/W_enc.*{good}"):
+        save_checkpoint(trainer, tmp_path)
+    assert list_checkpoints(tmp_path) == [good]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [good.name]
+
+
+def test_format_1_checkpoints_still_load(tmp_path):
+    trainer = _run(small_cfg(), 0, 2)
+    path = save_checkpoint(trainer, tmp_path)
+    meta = json.loads((path / "state.json").read_text())
+    meta["format"] = 1
+    del meta["sha256"]
+    (path / "state.json").write_text(json.dumps(meta))
+    second = Trainer(small_cfg())
+    load_checkpoint(second, path)
+    assert torch.equal(second.sae.W_dec, trainer.sae.W_dec)
+
+
+def test_format_2_without_a_checksum_is_refused(tmp_path):
+    path = save_checkpoint(_run(small_cfg(), 0, 2), tmp_path)
+    meta = json.loads((path / "state.json").read_text())
+    del meta["sha256"]
+    (path / "state.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="no sha256 of state.safetensors"):
+        read_checkpoint(path)
+
+
+def test_temporaries_of_a_killed_save_are_removed_on_resume_and_on_save(tmp_path):
+    for run in ("a", "b"):
+        proc = subprocess.run(
+            [sys.executable, "-c", _KILL_MID_WRITE, str(tmp_path / run)], capture_output=True
+        )
+        assert proc.returncode == -9, proc.stderr.decode()
+        names = os.listdir(tmp_path / run / "checkpoints")
+        assert any(n.startswith(".step-00000002.tmp-") for n in names), names
+    cfg = small_cfg(d_in=8, d_sae=32, k=4, batch_size=16, buffer_tokens=32)
+    trainer = Trainer(cfg)
+    load_checkpoint(trainer, list_checkpoints(tmp_path / "a")[-1])  # resume
+    assert os.listdir(tmp_path / "a" / "checkpoints") == ["step-00000001"]
+    save_checkpoint(Trainer(cfg), tmp_path / "b")  # the next save
+    assert sorted(os.listdir(tmp_path / "b" / "checkpoints")) == ["step-00000000", "step-00000001"]
