@@ -164,8 +164,10 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.T
         raise CheckpointError(f"{path} is not a complete checkpoint (needs {META} and {TENSORS})")
     try:
         meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{meta_path} is truncated or corrupt: {e}") from None
+    except RecursionError:
+        raise CheckpointError(f"{meta_path} is corrupt: nested too deeply") from None
     if not isinstance(meta, dict) or meta.get("format") not in _READABLE_FORMATS:
         found = meta.get("format") if isinstance(meta, dict) else meta
         raise CheckpointError(f"{meta_path}: format {found!r}, expected {FORMAT}")
