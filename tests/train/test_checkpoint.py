@@ -115,3 +115,29 @@ def test_temporaries_of_a_killed_save_are_removed_on_resume_and_on_save(tmp_path
     assert os.listdir(tmp_path / "a" / "checkpoints") == ["step-00000001"]
     save_checkpoint(Trainer(cfg), tmp_path / "b")  # the next save
     assert sorted(os.listdir(tmp_path / "b" / "checkpoints")) == ["step-00000000", "step-00000001"]
+
+
+def test_a_nan_stop_names_a_checkpoint_that_verifies(tmp_path, capsys, monkeypatch):
+    """The newest checkpoint is corrupt when the loss turns NaN: the run names the one before."""
+    from fastsae.train import NonFiniteLossError
+    from fastsae.train.__main__ import main
+    from tests.train.test_cli import SMALL
+
+    out = tmp_path / "run"
+    real_step = Trainer.step
+
+    def step(self, x, y=None):
+        if self.step_count == 2:
+            newest = list_checkpoints(out)[-1]
+            _flip_byte(
+                newest / "state.safetensors", (newest / "state.safetensors").stat().st_size - 8
+            )
+            raise NonFiniteLossError(3, float("nan"))
+        return real_step(self, x, y)
+
+    monkeypatch.setattr(Trainer, "step", step)
+    code = main([*SMALL, "--out-dir", str(out), "--checkpoint-every-tokens", "512"])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert f"last good checkpoint: {out / 'checkpoints' / 'step-00000001'}" in err
+    read_checkpoint(out / "checkpoints" / "step-00000001")
