@@ -347,6 +347,10 @@ def run(cfg: CacheConfig, *, progress: bool = True) -> dict[str, Any]:
     from fastsae.data.models import open_source
     from fastsae.data.text import load_rows, token_sequences
 
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with exclusive_cache_lock(out):
+        pass  # another writer is reported before the model loads; write_cache takes the lock
     opened = open_source(
         cfg.model,
         cfg.hooks or None,
