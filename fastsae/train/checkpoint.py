@@ -151,6 +151,19 @@ def save_checkpoint(
     return path
 
 
+def _check_meta_fields(meta: dict[str, Any], meta_path: Path) -> None:
+    """The counters and records a resume copies into the trainer have the right types."""
+    for name in ("step", "tokens", "counted_tokens"):
+        value = meta.get(name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise CheckpointError(f"{meta_path} is corrupt: {name}={value!r}")
+    if not isinstance(meta.get("initialized"), bool):
+        raise CheckpointError(f"{meta_path} is corrupt: initialized={meta.get('initialized')!r}")
+    for name in ("config", "data_state", "tensors"):
+        if not isinstance(meta.get(name), dict):
+            raise CheckpointError(f"{meta_path} is corrupt: {name!r} is not an object")
+
+
 def read_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """``(meta, tensors)`` of a checkpoint, verified against ``state.json``: the sha256 of
     ``state.safetensors``, the tensor names and shapes, and finite values.
@@ -171,6 +184,7 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.T
     if not isinstance(meta, dict) or meta.get("format") not in _READABLE_FORMATS:
         found = meta.get("format") if isinstance(meta, dict) else meta
         raise CheckpointError(f"{meta_path}: format {found!r}, expected {FORMAT}")
+    _check_meta_fields(meta, meta_path)
     if meta["format"] >= 2:
         expected_sha = (meta.get("sha256") or {}).get(TENSORS)
         if not isinstance(expected_sha, str):

@@ -379,6 +379,11 @@ def _init_scale(name: str, t: Tensor, d: int) -> float:
             "it would set the input scale to NaN. Nothing was initialised"
         )
     mean_norm = float(t.norm(dim=-1).mean())
+    if not math.isfinite(mean_norm):
+        raise ValueError(
+            f"the first batch is too large to scale ({name} mean row norm overflows float64). "
+            "Nothing was initialised"
+        )
     if not mean_norm > 1e-6 * math.sqrt(d):
         raise ValueError(
             f"the first batch is all (near) zero ({name} mean row norm {mean_norm:.3g}); it would "

@@ -141,3 +141,16 @@ def test_a_nan_stop_names_a_checkpoint_that_verifies(tmp_path, capsys, monkeypat
     err = capsys.readouterr().err
     assert f"last good checkpoint: {out / 'checkpoints' / 'step-00000001'}" in err
     read_checkpoint(out / "checkpoints" / "step-00000001")
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("step", "7"), ("tokens", -1), ("initialized", 1), ("config", []), ("data_state", None)],
+)
+def test_tampered_counters_in_state_json_are_refused(tmp_path, field, value):
+    path = save_checkpoint(_run(small_cfg(), 0, 2), tmp_path)
+    meta = json.loads((path / "state.json").read_text())
+    meta[field] = value
+    (path / "state.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=rf"state.json is corrupt: '?{field}"):
+        load_checkpoint(Trainer(small_cfg()), path)

@@ -113,3 +113,10 @@ def test_empty_batch_after_initialisation_is_refused():
     with pytest.raises(ValueError, match="x is an empty batch"):
         trainer.step(torch.zeros(0, 24))
     assert trainer.step_count == 1
+
+
+def test_a_first_batch_whose_norm_overflows_is_refused():
+    trainer = Trainer(small_cfg())
+    with pytest.raises(ValueError, match="first batch is too large to scale"):
+        trainer.step(torch.full((128, 24), 1e300, dtype=torch.float64))
+    assert not trainer.initialized and trainer.in_scale == 1
