@@ -154,11 +154,11 @@ def _read_json(path: Path) -> dict[str, Any]:
     return read_json_object(path)
 
 
-def _expected_shapes(cfg: SAEConfig) -> dict[str, tuple[int, ...]]:
+def _expected_shapes(cfg: SAEConfig, where: Path) -> dict[str, tuple[int, ...]]:
     """The tensors of a SAELens file for ``cfg``, from a meta-device SAE: nothing is allocated."""
     from fastsae.sae import SAE
 
-    shapes = meta_shapes(lambda: SAE.from_config(cfg))
+    shapes = meta_shapes(lambda: SAE.from_config(cfg), str(where))
     if "topk_threshold" in shapes:  # exported as SAELens's per-latent JumpReLU threshold
         del shapes["topk_threshold"]
         shapes["threshold"] = (cfg.d_sae,)
@@ -196,8 +196,15 @@ def _load_saelens(path: Path, device: str | torch.device | None):
 
     cfg_path = path / CFG
     raw = _read_json(cfg_path)
-    meta = dict(raw.get("metadata") or {})
+    meta = raw.get("metadata") or {}
+    if not isinstance(meta, dict):
+        raise ValueError(f"{cfg_path}: 'metadata' must be an object, got {type(meta).__name__}")
+    meta = dict(meta)
     ours = meta.pop("fastsae", None)
+    if ours is not None and not isinstance(ours, dict):
+        raise ValueError(
+            f"{cfg_path}: 'metadata.fastsae' must be an object, got {type(ours).__name__}"
+        )
     arch = raw.get("architecture", "standard")
     if ours is not None:
         cfg = SAEConfig.from_dict({**ours, "metadata": _clean_meta(meta)})
@@ -229,7 +236,7 @@ def _load_saelens(path: Path, device: str | torch.device | None):
         _check_agrees_with_metadata(raw, cfg, cfg_path)
     weights_path = path / WEIGHTS
     # names, shapes and dtypes from the header, before the SAE is allocated
-    check_header(weights_path, read_header(weights_path), _expected_shapes(cfg))
+    check_header(weights_path, read_header(weights_path), _expected_shapes(cfg, cfg_path))
     sae = SAE.from_config(cfg)
     tensors = read_tensors(weights_path)
     rescale = ours is None and arch == "topk" and raw.get("rescale_acts_by_decoder_norm", False)

@@ -82,11 +82,15 @@ def read_tensors(path: str | Path) -> dict[str, Tensor]:
         raise ValueError(f"{path} is not a readable safetensors file: {e}") from None
 
 
-def meta_shapes(build) -> dict[str, tuple[int, ...]]:
-    """Shapes of the state of ``build()``, a module constructed on the meta device (no memory)."""
+def meta_shapes(build, where: str) -> dict[str, tuple[int, ...]]:
+    """Shapes of the state of ``build()``, a module constructed on the meta device (no memory).
+
+    Raises:
+        ValueError: naming ``where`` when the declared sizes overflow what torch can describe.
+    """
     try:
         with torch.device("meta"):
             module = build()
     except (RuntimeError, OverflowError) as e:
-        raise ValueError(f"the declared sizes cannot be built: {e}") from None
+        raise ValueError(f"{where}: the declared sizes cannot be built: {e}") from None
     return {name: tuple(t.shape) for name, t in module.state_dict().items()}

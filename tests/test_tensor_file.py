@@ -111,3 +111,22 @@ def test_read_header_reads_no_data(saved):
     assert header["W_dec"] == ("F64", (33, 7)) and header["b_dec"] == ("F64", (7,))
     with pytest.raises(ValueError, match="is missing"):
         read_header(saved / "nope.safetensors")
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda c: c.update(metadata=[1]), "'metadata' must be an object, got list"),
+        (lambda c: c["metadata"].update(fastsae="x"), "'metadata.fastsae' must be an object"),
+        (
+            lambda c: [d.update(d_in=10**15, d_sae=10**15, d_out=10**15)
+                       for d in (c, c["metadata"]["fastsae"])],
+            "cfg.json: the declared sizes cannot be built",
+        ),
+    ],
+    ids=["metadata-list", "fastsae-str", "overflow"],
+)  # fmt: skip
+def test_malformed_cfg_json_is_one_value_error(saved, no_real_allocation, change, message):
+    _edit_cfg(saved, change)
+    with pytest.raises(ValueError, match=message):
+        fastsae.load(saved)
