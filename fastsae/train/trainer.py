@@ -175,9 +175,8 @@ class Trainer:
         cfg, sae = self.cfg, self.sae
         x = x.to(self.device, torch.float64)
         y = x if y is None else y.to(self.device, torch.float64)
-        scales = []
-        for name, t, d in (("x", x, sae.d_in), ("y", y, sae.d_out)):
-            scales.append(_init_scale(name, t, d))
+        # checked before anything is assigned: a refused batch leaves the trainer untouched
+        scales = [_init_scale(n, t, d) for n, t, d in (("x", x, sae.d_in), ("y", y, sae.d_out))]
         if cfg.normalize_activations:
             # SAELens's expected_average_only_in: E||x|| = sqrt(d) after scaling.
             self.in_scale, self.out_scale = (torch.tensor(s) for s in scales)
