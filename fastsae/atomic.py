@@ -87,12 +87,14 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_temporaries(directory: str | Path, *, name: str | None = None) -> list[Path]:
+def remove_stale_temporaries(
+    directory: str | Path, *, name: str | re.Pattern[str] | None = None
+) -> list[Path]:
     """Delete the temporaries of killed atomic writes inside ``directory``; returns what it removed.
 
     A temporary is stale when the process named in it is gone (or when it is an older fastsae's
-    temporary, which names no process). ``name``: only temporaries of that target (``.NAME.tmp-*``).
-    Temporaries of live writers are left alone. The process test is per machine: on a file system
+    temporary, which names no process). ``name``: only temporaries of that target (``.NAME.tmp-*``),
+    or of targets that a compiled pattern fully matches. Temporaries of live writers are left alone. The process test is per machine: on a file system
     shared between machines, hold a run lock so that no other machine writes here.
     """
     directory = Path(directory)
@@ -101,7 +103,7 @@ def remove_stale_temporaries(directory: str | Path, *, name: str | None = None) 
         return removed
     for entry in directory.iterdir():
         match = _TEMPORARY.match(entry.name)
-        if match is None or (name is not None and match["name"] != name):
+        if match is None or not _target_matches(match["name"], name):
             continue
         pid = match["pid"]
         if pid is not None and _process_alive(int(pid)):
@@ -112,6 +114,14 @@ def remove_stale_temporaries(directory: str | Path, *, name: str | None = None) 
             entry.unlink(missing_ok=True)
         removed.append(entry)
     return removed
+
+
+def _target_matches(target: str, name: str | re.Pattern[str] | None) -> bool:
+    if name is None:
+        return True
+    if isinstance(name, re.Pattern):
+        return name.fullmatch(target) is not None
+    return target == name
 
 
 def atomic_directory(path: str | Path, writers: dict[str, Callable[[Path], None]]) -> Path:

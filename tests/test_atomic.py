@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -94,6 +95,10 @@ def test_name_limits_the_cleanup_to_one_target(tmp_path):
     assert [p.name for p in remove_stale_temporaries(tmp_path, name="sae")] == [
         f".sae.tmp-p{dead}-aaaaaaaa"
     ]
+    assert (tmp_path / f".other.tmp-p{dead}-aaaaaaaa").exists()
+    (tmp_path / f".step-00000001.tmp-p{dead}-aaaaaaaa").mkdir()
+    removed = remove_stale_temporaries(tmp_path, name=re.compile(r"step-\d{8}"))
+    assert [p.name for p in removed] == [f".step-00000001.tmp-p{dead}-aaaaaaaa"]
     assert (tmp_path / f".other.tmp-p{dead}-aaaaaaaa").exists()
 
 

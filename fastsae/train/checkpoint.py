@@ -143,7 +143,7 @@ def save_checkpoint(
         p.write_text(json.dumps(meta, indent=1))
 
     root = _checkpoint_root(out_dir)
-    remove_stale_temporaries(root)
+    remove_stale_temporaries(root, name=_NAME)
     path = root / f"step-{trainer.step_count:08d}"
     atomic_directory(path, {TENSORS: lambda p: save_file(tensors, str(p)), META: write_meta})
     for old in list_checkpoints(out_dir)[: -trainer.cfg.keep_checkpoints]:
@@ -219,7 +219,7 @@ def load_checkpoint(trainer, path: str | Path) -> dict[str, Any]:
     returns the saved ``data_state``. Stale temporaries of killed saves beside ``path`` are removed.
     """
     meta, tensors = read_checkpoint(path)
-    remove_stale_temporaries(Path(path).parent)
+    remove_stale_temporaries(Path(path).parent, name=_NAME)
     with torch.no_grad():
         state = {k.removeprefix("sae/"): v for k, v in tensors.items() if k.startswith("sae/")}
         trainer.sae.load_state_dict(state, strict=True)

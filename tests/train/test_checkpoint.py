@@ -109,10 +109,14 @@ def test_temporaries_of_a_killed_save_are_removed_on_resume_and_on_save(tmp_path
         assert proc.returncode == -9, proc.stderr.decode()
         names = os.listdir(tmp_path / run / "checkpoints")
         assert any(n.startswith(".step-00000002.tmp-") for n in names), names
+    (tmp_path / "a" / "checkpoints" / ".notes.tmp-abcdefgh").mkdir()  # not a checkpoint's
     cfg = small_cfg(d_in=8, d_sae=32, k=4, batch_size=16, buffer_tokens=32)
     trainer = Trainer(cfg)
     load_checkpoint(trainer, list_checkpoints(tmp_path / "a")[-1])  # resume
-    assert os.listdir(tmp_path / "a" / "checkpoints") == ["step-00000001"]
+    assert sorted(os.listdir(tmp_path / "a" / "checkpoints")) == [
+        ".notes.tmp-abcdefgh",
+        "step-00000001",
+    ]
     save_checkpoint(Trainer(cfg), tmp_path / "b")  # the next save
     assert sorted(os.listdir(tmp_path / "b" / "checkpoints")) == ["step-00000000", "step-00000001"]
 
