@@ -40,6 +40,7 @@ __all__ = [
     "list_checkpoints",
     "load_checkpoint",
     "read_checkpoint",
+    "remove_stale_run_temporaries",
     "save_checkpoint",
 ]
 
@@ -66,6 +67,17 @@ def list_checkpoints(out_dir: str | Path) -> list[Path]:
         return []
     found = [p for p in root.iterdir() if p.is_dir() and _NAME.match(p.name)]
     return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))
+
+
+def remove_stale_run_temporaries(out_dir: str | Path) -> list[Path]:
+    """Remove what killed writes left in a run directory: ``checkpoints/.step-*.tmp-*`` and
+    ``.sae.tmp-*`` whose writer process is gone (see
+    :func:`fastsae.atomic.remove_stale_temporaries`). For the start of a run or a resume."""
+    out_dir = Path(out_dir)
+    return [
+        *remove_stale_temporaries(_checkpoint_root(out_dir), name=_NAME),
+        *remove_stale_temporaries(out_dir, name="sae"),
+    ]
 
 
 def latest_checkpoint(out_dir: str | Path) -> Path | None:

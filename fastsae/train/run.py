@@ -32,6 +32,7 @@ from fastsae.train.checkpoint import (
     latest_good_checkpoint,
     load_checkpoint,
     read_checkpoint,
+    remove_stale_run_temporaries,
     save_checkpoint,
 )
 from fastsae.train.config import TrainConfig
@@ -141,6 +142,7 @@ def _run_with_data(cfg, data, device, resume_path, stop_after_steps, log) -> Run
         data.load_state_dict(data_state)
         log(f"resumed from {resume_path} at step {trainer.step_count}")
     out_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_run_temporaries(out_dir)  # what killed writes left (never a live writer's)
     (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     wandb_run = _maybe_wandb(cfg, log)
     status = "done"

@@ -17,6 +17,7 @@ from fastsae.train.checkpoint import (
     latest_good_checkpoint,
     list_checkpoints,
     read_checkpoint,
+    remove_stale_run_temporaries,
 )
 from tests.train.test_trainer import _KILL_MID_WRITE, _run, small_cfg
 
@@ -158,3 +159,43 @@ def test_tampered_counters_in_state_json_are_refused(tmp_path, field, value):
     (path / "state.json").write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match=rf"state.json is corrupt: '?{field}"):
         load_checkpoint(Trainer(small_cfg()), path)
+
+
+def test_a_run_directory_is_cleaned_of_killed_writes(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    dead = proc.pid
+    stale = [
+        tmp_path / "checkpoints" / f".step-00000004.tmp-p{dead}-abcdefgh",
+        tmp_path / f".sae.tmp-p{dead}-abcdefgh",
+    ]
+    live = tmp_path / "checkpoints" / f".step-00000005.tmp-p{os.getpid()}-abcdefgh"
+    for p in [*stale, live]:
+        p.mkdir(parents=True)
+    assert sorted(remove_stale_run_temporaries(tmp_path)) == sorted(stale)
+    assert live.exists()
+
+
+def test_starting_a_run_removes_what_killed_writes_left(tmp_path, monkeypatch):
+    from fastsae.train.__main__ import main
+    from tests.train.test_cli import SMALL
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    out = tmp_path / "run"
+    stale = [
+        out / "checkpoints" / f".step-00000004.tmp-p{proc.pid}-abcdefgh",
+        out / f".sae.tmp-p{proc.pid}-abcdefgh",
+    ]
+    for p in stale:
+        p.mkdir(parents=True)
+    seen = []
+    real_step = Trainer.step
+
+    def step(self, x, y=None):
+        seen.append([p.exists() for p in stale])  # before any checkpoint or SAE is saved
+        return real_step(self, x, y)
+
+    monkeypatch.setattr(Trainer, "step", step)
+    assert main([*SMALL, "--out-dir", str(out), "--stop-after-steps", "1"]) == 130
+    assert seen[0] == [False, False]
