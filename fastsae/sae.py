@@ -348,7 +348,7 @@ def _check_index_range(indices: Tensor, d_sae: int) -> None:
         return
     if indices.is_cuda and torch.compiler.is_compiling():
         return  # a data-dependent check would break the graph; the eager path checks
-    lo, hi = (int(v) for v in torch.aminmax(indices))
+    lo, hi = torch.stack(torch.aminmax(indices)).tolist()  # one device-to-host copy
     if lo < 0 or hi >= d_sae:
         bad = lo if lo < 0 else hi
         raise ValueError(f"indices holds {bad}, outside [0, d_sae={d_sae})")
