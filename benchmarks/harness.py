@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+import fastsae
 from benchmarks.memory import measure_call
 from benchmarks.roofline import roofline_fraction
 
@@ -249,7 +250,10 @@ def environment() -> dict[str, Any]:
         torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu-{platform.machine()}"
     )
     versions = {"python": platform.python_version(), "torch": torch.__version__}
-    for dist in ("fastsae", "triton", "numpy", "sae-lens", "eai-sparsify"):
+    # fastsae's own version from the package: its distribution is named fastsae-lab, and an
+    # editable checkout may not be installed at all
+    versions["fastsae"] = fastsae.__version__
+    for dist in ("triton", "numpy", "sae-lens", "eai-sparsify"):
         versions[dist] = _version(dist)
     return {
         "schema": SCHEMA_VERSION,

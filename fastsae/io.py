@@ -24,21 +24,27 @@ Only safetensors and JSON are ever read: no pickle, so loading a file runs no co
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+from fastsae.atomic import atomic_directory, remove_stale_temporaries
 from fastsae.config import SAEConfig, dtype_from_name
+from fastsae.jsonfile import read_json_object
+from fastsae.tensor_file import check_header, meta_shapes, read_header, read_tensors
 
-__all__ = ["SAELENS_VERSION", "atomic_directory", "load", "load_sparsity", "save_sae"]
+__all__ = [
+    "SAELENS_VERSION",
+    "atomic_directory",
+    "load",
+    "load_sparsity",
+    "remove_stale_temporaries",
+    "save_sae",
+]
 
 CFG = "cfg.json"
 WEIGHTS = "sae_weights.safetensors"
@@ -71,59 +77,15 @@ _FROM_SAELENS = {
 
 
 # ------------------------------------------------------------------------------------------------
-# Atomic writes
-# ------------------------------------------------------------------------------------------------
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_directory(path: str | Path, writers: dict[str, Callable[[Path], None]]) -> Path:
-    """Write the files of ``writers`` (name -> ``fn(file_path)``) into directory ``path`` atomically.
-
-    Every file is written and fsynced in a temporary sibling directory first. A new directory is
-    then renamed into place in one step; an existing one has its files replaced one by one with
-    ``os.replace``, ``cfg.json`` last, so a reader never sees a half-written file. If anything
-    fails, the temporary directory is removed and ``path`` is left as it was.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        for name, write in writers.items():
-            target = tmp / name
-            write(target)
-            with open(target, "rb") as f:
-                os.fsync(f.fileno())
-        _fsync_dir(tmp)
-        if not path.exists():
-            os.rename(tmp, path)
-        else:
-            if not path.is_dir():
-                raise ValueError(f"{path} exists and is not a directory")
-            for name in sorted(writers, key=lambda n: n == CFG):
-                os.replace(tmp / name, path / name)
-            shutil.rmtree(tmp)
-        _fsync_dir(path.parent)
-        _fsync_dir(path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return path
-
-
-# ------------------------------------------------------------------------------------------------
 # Save
 # ------------------------------------------------------------------------------------------------
 
 
 def _saelens_architecture(sae) -> str:
-    cfg = sae.cfg
+    return _saelens_architecture_of(sae.cfg)
+
+
+def _saelens_architecture_of(cfg: SAEConfig) -> str:
     plain, transcoder, skip = _TO_SAELENS[cfg.architecture]
     if cfg.skip_connection:
         return skip or f"{cfg.architecture}_skip_transcoder"
@@ -189,46 +151,37 @@ def save_sae(sae, path: str | Path, *, sparsity: Tensor | None = None) -> Path:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
-    return data
+    return read_json_object(path)
 
 
-def _read_tensors(path: Path) -> dict[str, Tensor]:
-    """Every tensor of a safetensors file (the format cannot carry code)."""
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            return {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
-    except Exception as e:  # safetensors raises its own error types for corrupt headers
-        raise ValueError(f"{path} is not a readable safetensors file: {e}") from None
+def _expected_shapes(cfg: SAEConfig, where: Path) -> dict[str, tuple[int, ...]]:
+    """The tensors of a SAELens file for ``cfg``, from a meta-device SAE: nothing is allocated."""
+    from fastsae.sae import SAE
+
+    shapes = meta_shapes(lambda: SAE.from_config(cfg), str(where))
+    if "topk_threshold" in shapes:  # exported as SAELens's per-latent JumpReLU threshold
+        del shapes["topk_threshold"]
+        shapes["threshold"] = (cfg.d_sae,)
+    return shapes
 
 
-def _check_tensors(
-    path: Path, tensors: dict[str, Tensor], expected: dict[str, tuple[int, ...]]
-) -> None:
-    missing = sorted(set(expected) - set(tensors))
-    extra = sorted(set(tensors) - set(expected))
-    wrong = [
-        f"{name} has shape {tuple(tensors[name].shape)}, expected {shape}"
-        for name, shape in expected.items()
-        if name in tensors and tuple(tensors[name].shape) != shape
-    ]
-    problems = []
-    if missing:
-        problems.append(f"missing tensors: {', '.join(missing)}")
-    if extra:
-        problems.append(f"unexpected tensors: {', '.join(extra)}")
-    problems.extend(wrong)
-    if problems:
-        raise ValueError(f"{path}: " + "; ".join(problems))
-
-
-def _expected_shapes(sae) -> dict[str, tuple[int, ...]]:
-    return {name: tuple(t.shape) for name, t in _export_state(sae).items()}
+def _check_agrees_with_metadata(raw: dict[str, Any], cfg: SAEConfig, path: Path) -> None:
+    """The SAELens fields of a fastsae ``cfg.json`` must say what ``metadata.fastsae`` says."""
+    fields: dict[str, Any] = {
+        "architecture": _saelens_architecture_of(cfg),
+        "d_in": cfg.d_in,
+        "d_sae": cfg.d_sae,
+    }
+    if "d_out" in raw or cfg.d_out != cfg.d_in or cfg.skip_connection:
+        fields["d_out"] = cfg.d_out
+    if cfg.architecture == "topk":
+        fields["k"] = cfg.k
+    for name, value in fields.items():
+        if raw.get(name) != value:
+            raise ValueError(
+                f"{path}: {name}={raw.get(name)!r} disagrees with metadata.fastsae, which says "
+                f"{value!r}; the file was edited or is corrupt"
+            )
 
 
 def _int_field(cfg: dict[str, Any], name: str, path: Path) -> int:
@@ -243,8 +196,15 @@ def _load_saelens(path: Path, device: str | torch.device | None):
 
     cfg_path = path / CFG
     raw = _read_json(cfg_path)
-    meta = dict(raw.get("metadata") or {})
+    meta = raw.get("metadata") or {}
+    if not isinstance(meta, dict):
+        raise ValueError(f"{cfg_path}: 'metadata' must be an object, got {type(meta).__name__}")
+    meta = dict(meta)
     ours = meta.pop("fastsae", None)
+    if ours is not None and not isinstance(ours, dict):
+        raise ValueError(
+            f"{cfg_path}: 'metadata.fastsae' must be an object, got {type(ours).__name__}"
+        )
     arch = raw.get("architecture", "standard")
     if ours is not None:
         cfg = SAEConfig.from_dict({**ours, "metadata": _clean_meta(meta)})
@@ -272,13 +232,14 @@ def _load_saelens(path: Path, device: str | torch.device | None):
             model_name=meta.get("model_name", raw.get("model_name")),
             metadata=_clean_meta(meta),
         )
-    sae = SAE.from_config(cfg)
+    if ours is not None:
+        _check_agrees_with_metadata(raw, cfg, cfg_path)
     weights_path = path / WEIGHTS
-    if not weights_path.exists():
-        raise ValueError(f"{path}: missing {WEIGHTS}")
-    tensors = _read_tensors(weights_path)
+    # names, shapes and dtypes from the header, before the SAE is allocated
+    check_header(weights_path, read_header(weights_path), _expected_shapes(cfg, cfg_path))
+    sae = SAE.from_config(cfg)
+    tensors = read_tensors(weights_path)
     rescale = ours is None and arch == "topk" and raw.get("rescale_acts_by_decoder_norm", False)
-    _check_tensors(weights_path, tensors, _expected_shapes(sae))
     if rescale:
         tensors = _fold_decoder_norm(tensors)
     _assign(sae, tensors)
@@ -329,10 +290,14 @@ def _load_sparsify(path: Path, device: str | torch.device | None):
             f"{cfg_path}: sparsify activation={activation!r} is not supported; allowed: topk"
         )
     d_in = _int_field(raw, "d_in", cfg_path)
-    d_sae = raw.get("num_latents") or d_in * raw.get("expansion_factor", 32)
+    if raw.get("num_latents"):
+        d_sae = _int_field(raw, "num_latents", cfg_path)
+    else:
+        d_sae = d_in * _int_field({"expansion_factor": 32, **raw}, "expansion_factor", cfg_path)
     weights_path = path / SPARSIFY_WEIGHTS
-    tensors = _read_tensors(weights_path)
-    dtype = next(iter(tensors.values())).dtype if tensors else torch.float32
+    header = read_header(weights_path)
+    codes = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
+    dtype = codes.get(header["W_dec"][0], "float32") if "W_dec" in header else "float32"
     cfg = SAEConfig(
         architecture="topk",
         d_in=d_in,
@@ -340,7 +305,7 @@ def _load_sparsify(path: Path, device: str | torch.device | None):
         k=raw.get("k", 32),
         skip_connection=bool(raw.get("skip_connection", False)),
         apply_b_dec_to_input=not raw.get("transcode", False),
-        dtype=str(dtype).removeprefix("torch."),
+        dtype=dtype,
     )
     expected = {
         "encoder.weight": (d_sae, d_in),
@@ -350,8 +315,9 @@ def _load_sparsify(path: Path, device: str | torch.device | None):
     }
     if cfg.skip_connection:
         expected["W_skip"] = (d_in, d_in)
-    _check_tensors(weights_path, tensors, expected)
+    check_header(weights_path, header, expected)
     sae = SAE.from_config(cfg)
+    tensors = read_tensors(weights_path)
     state = {
         "W_enc": tensors["encoder.weight"].T,
         "b_enc": tensors["encoder.bias"],
@@ -369,8 +335,11 @@ def load(path: str | Path, *, device: str | torch.device | None = None, dtype: s
     (``sae.safetensors``). Returns the matching :class:`fastsae.SAE` subclass.
 
     Raises:
-        ValueError: a missing directory or file, a ``cfg.json`` that is not valid JSON, an unknown
-            architecture, or missing / extra / mis-shaped tensors, each naming the problem.
+        ValueError: a missing directory or file, a ``cfg.json`` that is not valid JSON (or nested
+            too deeply), whose SAELens fields disagree with its ``metadata.fastsae``, an unknown
+            architecture, or missing / extra / mis-shaped / non-float tensors, each naming the
+            problem. Names, shapes and dtypes are checked from the safetensors header before the
+            SAE is allocated, so a small file that declares a huge SAE costs nothing to refuse.
         TypeError: ``dtype`` is not a floating dtype.
     """
     path = Path(path)
@@ -398,7 +367,7 @@ def load_sparsity(path: str | Path) -> Tensor | None:
     file = Path(path) / SPARSITY
     if not file.exists():
         return None
-    tensors = _read_tensors(file)
+    tensors = read_tensors(file)
     if set(tensors) != {"sparsity"}:
         raise ValueError(f"{file}: expected exactly one tensor 'sparsity', found {sorted(tensors)}")
     return tensors["sparsity"]

@@ -196,13 +196,33 @@ class SAE(nn.Module):
         return out.reshape(*lead, self.d_out)
 
     def decode_sparse(self, values: Tensor, indices: Tensor, x: Tensor | None = None) -> Tensor:
-        """Sparse decode: ``values, indices [..., k]`` -> ``[..., d_out]``."""
-        if values.shape != indices.shape:
+        """Sparse decode: ``values, indices [..., k]`` -> ``[..., d_out]``.
+
+        ``values`` is floating point; ``indices`` is an integer tensor (not bool) with entries in
+        ``[0, d_sae)``, on the SAE's device. The range check reads ``indices.min()`` and ``.max()``:
+        one small reduction and, on a GPU, one host sync per call (skipped while
+        ``torch.compile`` traces, where it would break the graph).
+
+        Raises:
+            TypeError: ``values`` / ``indices`` is not a tensor, or has the wrong kind of dtype.
+            ValueError: different shapes, another device, or an index outside ``[0, d_sae)``.
+        """
+        for name, t in (("values", values), ("indices", indices)):
+            if not isinstance(t, Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if values.shape != indices.shape or values.ndim == 0:
             raise ValueError(
-                f"values {tuple(values.shape)} and indices {tuple(indices.shape)} must have the same shape"
+                f"values {tuple(values.shape)} and indices {tuple(indices.shape)} must have the "
+                "same shape [..., k]"
             )
-        if indices.is_floating_point():
+        if not values.is_floating_point():
+            raise TypeError(f"values has dtype {values.dtype}; a floating dtype is required")
+        if indices.is_floating_point() or indices.is_complex() or indices.dtype == torch.bool:
             raise TypeError(f"indices has dtype {indices.dtype}; an integer dtype is required")
+        for name, t in (("values", values), ("indices", indices)):
+            if t.device != self.device:
+                raise ValueError(f"{name} is on {t.device}; this SAE is on {self.device}")
+        _check_index_range(indices, self.d_sae)
         lead = tuple(values.shape[:-1])
         k = values.shape[-1]
         out = ops.sparse_decode(
@@ -230,13 +250,7 @@ class SAE(nn.Module):
         ``dead_mask [d_sae]`` and ``k_aux`` request the AuxK candidates (top-k family only).
         """
         x2, lead = self._flatten(x, self.d_in)
-        if dead_mask is not None and (
-            dead_mask.shape != (self.d_sae,) or dead_mask.dtype != torch.bool
-        ):
-            raise ValueError(
-                f"dead_mask must be a bool tensor of shape ({self.d_sae},), got "
-                f"{dead_mask.dtype} {tuple(dead_mask.shape)}"
-            )
+        self._check_dead_mask(dead_mask)
         out = self._forward_2d(x2, dead_mask=dead_mask, k_aux=k_aux)
         return _unflatten(out, lead)
 
@@ -252,6 +266,11 @@ class SAE(nn.Module):
 
         Coefficients are keyword arguments; each architecture lists its own in
         :attr:`default_coefficients`. Returns the total and every weighted term (plus ``mse``).
+        ``dead_mask``: ``[d_sae]`` bool on the SAE's device, True for latents AuxK may revive.
+
+        Raises:
+            TypeError: ``x`` / ``y`` / ``dead_mask`` has the wrong type or dtype.
+            ValueError: a wrong shape or device, or an unknown coefficient.
         """
         unknown = sorted(set(coefficients) - set(self.default_coefficients))
         if unknown:
@@ -261,6 +280,7 @@ class SAE(nn.Module):
             )
         coeffs = {**self.default_coefficients, **coefficients}
         x2, lead = self._flatten(x, self.d_in)
+        self._check_dead_mask(dead_mask)
         if y is None:
             if self.d_out != self.d_in:
                 raise ValueError(
@@ -274,6 +294,20 @@ class SAE(nn.Module):
         result = self._loss_2d(x2, y2, dead_mask=dead_mask, coeffs=coeffs)
         result.output = _unflatten(result.output, lead)
         return result
+
+    def _check_dead_mask(self, dead_mask: Tensor | None) -> None:
+        """``dead_mask`` is None or a bool ``[d_sae]`` tensor on the SAE's device (no data read)."""
+        if dead_mask is None:
+            return
+        if not isinstance(dead_mask, Tensor):
+            raise TypeError(f"dead_mask must be a torch.Tensor, got {type(dead_mask).__name__}")
+        want = f"dead_mask must be a bool tensor of shape ({self.d_sae},)"
+        if dead_mask.dtype != torch.bool:
+            raise TypeError(f"{want}, got dtype {dead_mask.dtype}")
+        if tuple(dead_mask.shape) != (self.d_sae,):
+            raise ValueError(f"{want}, got shape {tuple(dead_mask.shape)}")
+        if dead_mask.device != self.device:
+            raise ValueError(f"dead_mask is on {dead_mask.device}; this SAE is on {self.device}")
 
     # -- subclass hooks -------------------------------------------------------------------------
 
@@ -306,6 +340,18 @@ class SAE(nn.Module):
         if not isinstance(cfg, SAEConfig):
             cfg = SAEConfig.from_dict(dict(cfg))
         return sae_class(cfg.architecture)(cfg)
+
+
+def _check_index_range(indices: Tensor, d_sae: int) -> None:
+    """Every index in ``[0, d_sae)``: one ``aminmax`` reduction and one host read."""
+    if indices.numel() == 0:
+        return
+    if indices.is_cuda and torch.compiler.is_compiling():
+        return  # a data-dependent check would break the graph; the eager path checks
+    lo, hi = torch.stack(torch.aminmax(indices)).tolist()  # one device-to-host copy
+    if lo < 0 or hi >= d_sae:
+        bad = lo if lo < 0 else hi
+        raise ValueError(f"indices holds {bad}, outside [0, d_sae={d_sae})")
 
 
 def _unflatten(out: SAEOutput, lead: tuple[int, ...]) -> SAEOutput:

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Create (or reuse) the project's virtual environment and install fastsae with its dev extras.
+# Create (or reuse) the project's virtual environment and install fastsae (the distribution
+# fastsae-lab; the import name is fastsae) from this checkout with its dev extras.
 #
 #   scripts/bootstrap.sh            # uses $FASTSAE_VENV, default .venv
 #

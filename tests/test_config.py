@@ -125,3 +125,68 @@ def test_config_from_dict_rejects_unknown_fields():
         fastsae.SAEConfig.from_dict(
             {"architecture": "relu", "d_in": 4, "d_sae": 8, "colour": "red"}
         )
+
+
+@pytest.mark.parametrize(
+    ("mask", "error", "message"),
+    [
+        (torch.ones(7, dtype=torch.bool), ValueError, r"shape \(8,\), got shape \(7,\)"),
+        (torch.ones(8, 1, dtype=torch.bool), ValueError, r"got shape \(8, 1\)"),
+        (torch.ones(8), TypeError, "got dtype torch.float32"),
+        (torch.ones(8, dtype=torch.long), TypeError, "got dtype torch.int64"),
+        ([True] * 8, TypeError, "dead_mask must be a torch.Tensor, got list"),
+    ],
+    ids=["short", "2d", "float", "long", "list"],
+)
+def test_loss_validates_dead_mask(mask, error, message):
+    sae = fastsae.TopKSAE(d_in=4, d_sae=8, k=2)
+    with pytest.raises(error, match=message):
+        sae.loss(torch.randn(3, 4), dead_mask=mask, k_aux=2)
+    sae.loss(torch.randn(3, 4), dead_mask=torch.zeros(8, dtype=torch.bool), k_aux=2)
+
+
+@pytest.mark.parametrize(
+    ("values", "indices", "error", "message"),
+    [
+        (
+            torch.ones(2, 2),
+            torch.tensor([[0, 8], [1, 2]]),
+            ValueError,
+            r"holds 8, outside \[0, d_sae=8\)",
+        ),
+        (torch.ones(2, 2), torch.tensor([[0, 1], [-1, 2]]), ValueError, r"holds -1, outside"),
+        (
+            torch.ones(2, 2),
+            torch.ones(2, 2, dtype=torch.bool),
+            TypeError,
+            "indices has dtype torch.bool",
+        ),
+        (
+            torch.ones(2, 2, dtype=torch.long),
+            torch.zeros(2, 2, dtype=torch.long),
+            TypeError,
+            "values has dtype torch.int64",
+        ),
+        (torch.ones(2, 2), [[0, 1], [1, 2]], TypeError, "indices must be a torch.Tensor"),
+        (torch.tensor(1.0), torch.tensor(1), ValueError, "must have the same shape"),
+        (
+            torch.ones(4),
+            torch.zeros(2, 2, dtype=torch.long),
+            ValueError,
+            "must have the same shape",
+        ),
+    ],
+    ids=["too-big", "negative", "bool", "int-values", "list", "0d", "shape"],
+)
+def test_decode_sparse_validates_its_inputs(values, indices, error, message):
+    sae = fastsae.TopKSAE(d_in=4, d_sae=8, k=2)
+    with pytest.raises(error, match=message):
+        sae.decode_sparse(values, indices)
+
+
+def test_decode_sparse_accepts_any_integer_dtype_and_empty_codes():
+    sae = fastsae.TopKSAE(d_in=4, d_sae=8, k=2)
+    idx = torch.tensor([[0, 7], [3, 3]])
+    ref = sae.decode_sparse(torch.ones(2, 2), idx)
+    assert torch.equal(sae.decode_sparse(torch.ones(2, 2), idx.int()), ref)
+    assert sae.decode_sparse(torch.ones(0, 2), torch.zeros(0, 2, dtype=torch.long)).shape == (0, 4)

@@ -18,22 +18,30 @@ after it was written, fsynced and renamed into place (see :mod:`fastsae.data.wri
 from __future__ import annotations
 
 import bisect
-import hashlib
 import json
 import os
-import tempfile
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
+from fastsae.atomic import atomic_write, sha256_file
 from fastsae.config import dtype_from_name, dtype_name
 from fastsae.data.sources import TOKENS
+from fastsae.jsonfile import read_json_object
 
-__all__ = ["CACHE_DTYPES", "MANIFEST", "ActivationCache", "CacheIntegrityError", "sha256_file"]
+__all__ = [
+    "CACHE_DTYPES",
+    "MANIFEST",
+    "ActivationCache",
+    "CacheIntegrityError",
+    "sha256_file",
+    "validate_manifest",
+]
 
 MANIFEST = "manifest.json"
 FORMAT = "fastsae.activation_cache"
@@ -53,14 +61,6 @@ def shard_name(index: int) -> str:
     return f"shard-{index:05d}.bin"
 
 
-def sha256_file(path: Path, block: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(block):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def column_layout(columns: Sequence[dict[str, Any]], n: int) -> tuple[dict[str, int], int]:
     """Byte offset of each column of an ``n``-token shard, and the shard's size in bytes."""
     offsets: dict[str, int] = {}
@@ -76,45 +76,18 @@ def dtype_from_name_any(name: str) -> torch.dtype:
     return TOKEN_DTYPE if name == dtype_name(TOKEN_DTYPE) else dtype_from_name(name)
 
 
-def atomic_write(path: Path, write: Callable[[Any], None]) -> None:
-    """Write ``path`` through ``write(file)`` into a temporary sibling, fsync, rename, fsync dir."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual file mode
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def write_manifest(directory: Path, manifest: dict[str, Any]) -> None:
     text = json.dumps(manifest, indent=1).encode()
     atomic_write(directory / MANIFEST, lambda f: f.write(text))
 
 
 def read_manifest(directory: Path) -> dict[str, Any]:
+    """The manifest of the cache in ``directory``: format and version checked, nothing else
+    (see :func:`validate_manifest`)."""
     path = directory / MANIFEST
     if not path.exists():
         raise ValueError(f"{directory} is not an activation cache: no {MANIFEST}")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    manifest = read_json_object(path)
     if manifest.get("format") != FORMAT:
         raise ValueError(f"{path}: format={manifest.get('format')!r}, expected {FORMAT!r}")
     if manifest.get("version") != VERSION:
@@ -122,6 +95,83 @@ def read_manifest(directory: Path) -> dict[str, Any]:
             f"{path}: version={manifest.get('version')!r}, this fastsae reads {VERSION}"
         )
     return manifest
+
+
+def _field(manifest: dict[str, Any], name: str, kind: type | tuple[type, ...], where: str) -> Any:
+    value = manifest.get(name)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        expected = (
+            kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+        )
+        raise ValueError(f"{where}: {name!r} must be a {expected}, got {value!r}")
+    return value
+
+
+def validate_manifest(
+    manifest: dict[str, Any], directory: Path, *, require_complete: bool = True
+) -> None:
+    """Check that the manifest is self-consistent and describes shards this reader can map: the
+    hooks, widths and dtype agree with the column list; every shard is ``shard-NNNNN.bin`` in order,
+    starts where the previous one ended, and has the byte size and column offsets that its token
+    count implies; ``token_count`` is the sum of the shards. No shard is opened.
+
+    Raises:
+        ValueError: naming the manifest and the first field that is wrong; with
+            ``require_complete``, also a cache whose writer has not finished (``complete: false``).
+    """
+    where = str(directory / MANIFEST)
+    if require_complete and manifest.get("complete") is not True:
+        raise ValueError(
+            f"{where}: the cache is incomplete (complete={manifest.get('complete')!r}): its writer "
+            "was interrupted or is still running; rerun the same `python -m fastsae.cache` "
+            "command to finish it"
+        )
+    hooks = _field(manifest, "hooks", list, where)
+    d = _field(manifest, "d", dict, where)
+    dtype = _field(manifest, "dtype", str, where)
+    if dtype not in CACHE_DTYPES:
+        raise ValueError(f"{where}: dtype={dtype!r} is unknown; allowed: {', '.join(CACHE_DTYPES)}")
+    if not hooks or not all(isinstance(h, str) for h in hooks) or len(set(hooks)) != len(hooks):
+        raise ValueError(f"{where}: 'hooks' must be a non-empty list of distinct names")
+    for hook in hooks:
+        width = d.get(hook)
+        if not isinstance(width, int) or isinstance(width, bool) or width < 1:
+            raise ValueError(f"{where}: d[{hook!r}]={width!r} must be a positive integer")
+    expected_columns = [{"name": h, "dtype": dtype, "d": d[h]} for h in hooks]
+    expected_columns.append({"name": TOKENS, "dtype": dtype_name(TOKEN_DTYPE), "d": 1})
+    columns = _field(manifest, "columns", list, where)
+    if columns != expected_columns:
+        raise ValueError(
+            f"{where}: 'columns' {columns!r} do not match hooks, d and dtype "
+            f"(expected {expected_columns!r})"
+        )
+    shards = _field(manifest, "shards", list, where)
+    token_count = _field(manifest, "token_count", int, where)
+    start = 0
+    for i, shard in enumerate(shards):
+        here = f"{where}: shard {i}"
+        if not isinstance(shard, dict):
+            raise ValueError(f"{here} must be an object, got {shard!r}")
+        if shard.get("file") != shard_name(i):
+            raise ValueError(f"{here}: file={shard.get('file')!r}, expected {shard_name(i)!r}")
+        n = _field(shard, "tokens", int, here)
+        first = _field(shard, "start", int, here)
+        if n < 1 or first != start:
+            raise ValueError(
+                f"{here}: start={first} tokens={n}; expected start={start}, tokens >= 1"
+            )
+        offsets, size = column_layout(columns, n)
+        if shard.get("bytes") != size or shard.get("offsets") != offsets:
+            raise ValueError(
+                f"{here}: bytes={shard.get('bytes')!r} offsets={shard.get('offsets')!r} do not "
+                f"match {n} tokens of these columns (expected bytes={size}, offsets={offsets})"
+            )
+        digest = shard.get("sha256")
+        if not isinstance(digest, str) or len(digest) != 64:
+            raise ValueError(f"{here}: sha256={digest!r} is not a sha256 hex digest")
+        start += n
+    if token_count != start:
+        raise ValueError(f"{where}: token_count={token_count}, but the shards hold {start} tokens")
 
 
 class ActivationCache:
@@ -132,16 +182,26 @@ class ActivationCache:
     ``"tokens"`` gives their token ids (int32). Shards are memory-mapped, so a read touches only
     the bytes it returns.
 
-    ``verify``: ``"lazy"`` (default) checks each shard's sha256 the first time it is read;
-    ``"open"`` checks every shard now; ``"none"`` checks only sizes. A missing, truncated or
-    corrupt shard raises :class:`CacheIntegrityError` naming the shard.
+    Opening checks the manifest against itself and the shard sizes (:func:`validate_manifest`;
+    no shard is read). ``verify``: ``"lazy"`` (default) checks each shard's sha256 the first time
+    it is read; ``"open"`` checks every shard now (in parallel threads); ``"none"`` checks only
+    sizes. A missing, truncated or corrupt shard raises :class:`CacheIntegrityError` naming the
+    shard. A cache whose writer has not finished (``complete: false``) is refused unless
+    ``allow_incomplete``.
     """
 
-    def __init__(self, path: str | Path, *, verify: Literal["lazy", "open", "none"] = "lazy"):
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        verify: Literal["lazy", "open", "none"] = "lazy",
+        allow_incomplete: bool = False,
+    ):
         if verify not in ("lazy", "open", "none"):
             raise ValueError(f"verify={verify!r} is unknown; allowed: lazy, open, none")
         self.path = Path(path)
         self.manifest = read_manifest(self.path)
+        validate_manifest(self.manifest, self.path, require_complete=not allow_incomplete)
         self.hooks: tuple[str, ...] = tuple(self.manifest["hooks"])
         self.d: dict[str, int] = dict(self.manifest["d"])
         self.dtype = dtype_from_name(self.manifest["dtype"])
@@ -155,8 +215,7 @@ class ActivationCache:
         for i, shard in enumerate(self.shards):
             self._check_size(i, shard)
         if verify == "open":
-            for i in range(len(self.shards)):
-                self._check_sha(i)
+            self.verify()
 
     def __len__(self) -> int:
         return int(self.manifest["token_count"])
@@ -203,9 +262,12 @@ class ActivationCache:
         self._verified.add(i)
 
     def verify(self) -> None:
-        """Check the sha256 of every shard now."""
-        for i in range(len(self.shards)):
-            self._check_sha(i)
+        """Check the sha256 of every shard now, several shards at a time (hashlib releases the
+        GIL), and report the first bad shard in shard order."""
+        workers = max(1, min(8, os.cpu_count() or 1, len(self.shards)))
+        with ThreadPoolExecutor(workers) as pool:
+            for _ in pool.map(self._check_sha, range(len(self.shards))):
+                pass
 
     # -- reading -------------------------------------------------------------------------------
 

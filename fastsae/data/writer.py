@@ -14,6 +14,7 @@ import hashlib
 import itertools
 import sys
 from collections.abc import Iterable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -36,12 +37,16 @@ from fastsae.data.cache import (
     read_manifest,
     sha256_file,
     shard_name,
+    validate_manifest,
     write_manifest,
 )
 from fastsae.data.sources import SEQUENCE, TOKENS, ActivationSource
 from fastsae.data.text import BOS_MODES, EMBEDDED, token_batches
 
 __all__ = ["CacheConfig", "main", "run", "write_cache"]
+
+#: The lock file a writer holds in the cache directory.
+LOCK = ".fastsae-cache.lock"
 
 
 @dataclass
@@ -150,6 +155,7 @@ def _start_or_resume(out: Path, identity: dict[str, Any], columns) -> dict[str, 
             "shards": [],
         }
     manifest = read_manifest(out)
+    validate_manifest(manifest, out, require_complete=False)
     differs = [
         f"{k}: {manifest.get(k)!r} in the cache, {v!r} now"
         for k, v in identity.items()
@@ -168,6 +174,25 @@ def _start_or_resume(out: Path, identity: dict[str, Any], columns) -> dict[str, 
         if sha256_file(file) != shard["sha256"]:
             raise CacheIntegrityError(f"cannot resume {out}: shard {shard['file']} is corrupt")
     return manifest
+
+
+@contextmanager
+def exclusive_cache_lock(out: Path):
+    """Hold ``out/.fastsae-cache.lock`` (an OS file lock, released when the process dies)."""
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(out / LOCK, timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise ValueError(
+            f"activation cache {out} is being written by another process (it holds {out / LOCK}); "
+            "wait for it to finish, or write to another directory"
+        ) from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def _remove_strays(out: Path, manifest: dict[str, Any]) -> None:
@@ -198,9 +223,38 @@ def write_cache(
     ``meta`` (for example the dataset name) is recorded in the manifest; resuming requires the
     same ``meta``, model, hooks, dtype, shard size, batch size and token count. If the sequences run out
     first, the cache holds what there was and ``manifest["exhausted"]`` is True.
+
+    The writer holds an exclusive lock on ``out`` (the file ``out/.fastsae-cache.lock``) for the
+    whole write: a second writer into the same directory fails at once with a ValueError naming it.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    with exclusive_cache_lock(out):
+        return _write_locked(
+            out,
+            source,
+            sequences,
+            tokens=tokens,
+            dtype=dtype,
+            shard_tokens=shard_tokens,
+            batch_size=batch_size,
+            meta=meta,
+            progress=progress,
+        )
+
+
+def _write_locked(
+    out: str | Path,
+    source: ActivationSource,
+    sequences: Iterable[Tensor],
+    *,
+    tokens: int,
+    dtype: str = "float32",
+    shard_tokens: int = 65536,
+    batch_size: int = 32,
+    meta: dict[str, Any] | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
     cache_dtype = dtype_from_name(dtype)
     columns = [
         {"name": h, "dtype": dtype_name(cache_dtype), "d": source.dims[h]} for h in source.hooks
@@ -293,6 +347,10 @@ def run(cfg: CacheConfig, *, progress: bool = True) -> dict[str, Any]:
     from fastsae.data.models import open_source
     from fastsae.data.text import load_rows, token_sequences
 
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with exclusive_cache_lock(out):
+        pass  # another writer is reported before the model loads; write_cache takes the lock
     opened = open_source(
         cfg.model,
         cfg.hooks or None,

@@ -6,11 +6,17 @@ A checkpoint is a directory ``OUT/checkpoints/step-00001234/`` holding
   step counts (``optim/<param>/<key>``), the trainer's counters (``trainer/*``) and the torch RNG
   state (``rng/torch``);
 - ``state.json``: the format version, the :class:`TrainConfig`, the step and token counters, the
-  data position (whatever the data source reports) and the names of every tensor, so that a
-  truncated or tampered file is detected before anything is loaded.
+  data position (whatever the data source reports), the names and shapes of every tensor and the
+  sha256 of ``state.safetensors``, so that a truncated, bit-flipped or tampered file is detected
+  before anything is loaded.
 
-Writes go through :func:`fastsae.io.atomic_directory`: a process killed mid-write leaves only a
-hidden temporary directory, and every earlier checkpoint stays loadable.
+A checkpoint is only written when every floating tensor in it is finite, and reading one checks
+the checksum and the finiteness again: :func:`latest_good_checkpoint` names the newest checkpoint
+that passes both.
+
+Writes go through :func:`fastsae.atomic.atomic_directory`: a process killed mid-write leaves only a
+hidden temporary directory (``.step-*.tmp-p<pid>-*``), and every earlier checkpoint stays
+loadable. Such temporaries are removed by the next save and by a resume (:func:`load_checkpoint`).
 """
 
 from __future__ import annotations
@@ -25,17 +31,22 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from fastsae.io import atomic_directory
+from fastsae.atomic import atomic_directory, remove_stale_temporaries, sha256_file
 
 __all__ = [
     "CheckpointError",
     "latest_checkpoint",
+    "latest_good_checkpoint",
     "list_checkpoints",
     "load_checkpoint",
+    "read_checkpoint",
+    "remove_stale_run_temporaries",
     "save_checkpoint",
 ]
 
-FORMAT = 1
+#: 2 added ``sha256`` (of ``state.safetensors``); format 1 checkpoints are read without it.
+FORMAT = 2
+_READABLE_FORMATS = (1, 2)
 TENSORS = "state.safetensors"
 META = "state.json"
 _NAME = re.compile(r"^step-(\d{8,})$")
@@ -58,9 +69,41 @@ def list_checkpoints(out_dir: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))
 
 
+def remove_stale_run_temporaries(out_dir: str | Path) -> list[Path]:
+    """Remove what killed writes left in a run directory: ``checkpoints/.step-*.tmp-*`` and
+    ``.sae.tmp-*`` whose writer process is gone (see
+    :func:`fastsae.atomic.remove_stale_temporaries`). For the start of a run or a resume."""
+    out_dir = Path(out_dir)
+    return [
+        *remove_stale_temporaries(_checkpoint_root(out_dir), name=_NAME),
+        *remove_stale_temporaries(out_dir, name="sae"),
+    ]
+
+
 def latest_checkpoint(out_dir: str | Path) -> Path | None:
+    """The newest checkpoint directory of a run (not verified; see :func:`latest_good_checkpoint`)."""
     found = list_checkpoints(out_dir)
     return found[-1] if found else None
+
+
+def latest_good_checkpoint(out_dir: str | Path) -> Path | None:
+    """The newest checkpoint that :func:`read_checkpoint` accepts (complete, checksum matches,
+    every tensor finite), or None."""
+    for path in reversed(list_checkpoints(out_dir)):
+        try:
+            read_checkpoint(path)
+        except CheckpointError:
+            continue
+        return path
+    return None
+
+
+def _non_finite(tensors: dict[str, torch.Tensor]) -> list[str]:
+    return [
+        name
+        for name, t in tensors.items()
+        if t.is_floating_point() and not bool(torch.isfinite(t).all())
+    ]
 
 
 def _trainer_tensors(trainer) -> dict[str, torch.Tensor]:
@@ -82,8 +125,19 @@ def _trainer_tensors(trainer) -> dict[str, torch.Tensor]:
 def save_checkpoint(
     trainer, out_dir: str | Path, *, data_state: dict[str, Any] | None = None
 ) -> Path:
-    """Write a checkpoint of ``trainer`` and keep only the newest ``keep_checkpoints``."""
+    """Write a checkpoint of ``trainer`` and keep only the newest ``keep_checkpoints``.
+
+    Raises:
+        CheckpointError: a parameter, optimizer moment or scale is NaN or infinite; nothing is
+            written, so the newest checkpoint on disk stays the last good one.
+    """
     tensors = _trainer_tensors(trainer)
+    bad = _non_finite(tensors)
+    if bad:
+        raise CheckpointError(
+            f"not writing a checkpoint at step {trainer.step_count}: non-finite values in "
+            f"{', '.join(bad)}; last good checkpoint: {latest_good_checkpoint(out_dir) or 'none'}"
+        )
     meta = {
         "format": FORMAT,
         "step": trainer.step_count,
@@ -94,31 +148,65 @@ def save_checkpoint(
         "data_state": data_state or {},
         "tensors": {k: list(v.shape) for k, v in tensors.items()},
     }
-    path = _checkpoint_root(out_dir) / f"step-{trainer.step_count:08d}"
-    atomic_directory(
-        path,
-        {
-            TENSORS: lambda p: save_file(tensors, str(p)),
-            META: lambda p: p.write_text(json.dumps(meta, indent=1)),
-        },
-    )
+
+    def write_meta(p: Path) -> None:
+        # state.safetensors is already written and closed in the same temporary directory
+        meta["sha256"] = {TENSORS: sha256_file(p.parent / TENSORS)}
+        p.write_text(json.dumps(meta, indent=1))
+
+    root = _checkpoint_root(out_dir)
+    remove_stale_temporaries(root, name=_NAME)
+    path = root / f"step-{trainer.step_count:08d}"
+    atomic_directory(path, {TENSORS: lambda p: save_file(tensors, str(p)), META: write_meta})
     for old in list_checkpoints(out_dir)[: -trainer.cfg.keep_checkpoints]:
         shutil.rmtree(old, ignore_errors=True)
     return path
 
 
+def _check_meta_fields(meta: dict[str, Any], meta_path: Path) -> None:
+    """The counters and records a resume copies into the trainer have the right types."""
+    for name in ("step", "tokens", "counted_tokens"):
+        value = meta.get(name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise CheckpointError(f"{meta_path} is corrupt: {name}={value!r}")
+    if not isinstance(meta.get("initialized"), bool):
+        raise CheckpointError(f"{meta_path} is corrupt: initialized={meta.get('initialized')!r}")
+    for name in ("config", "data_state", "tensors"):
+        if not isinstance(meta.get(name), dict):
+            raise CheckpointError(f"{meta_path} is corrupt: {name!r} is not an object")
+
+
 def read_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """``(meta, tensors)`` of a checkpoint, verified against the tensor list in ``state.json``."""
+    """``(meta, tensors)`` of a checkpoint, verified against ``state.json``: the sha256 of
+    ``state.safetensors``, the tensor names and shapes, and finite values.
+
+    Raises:
+        CheckpointError: naming the file and what is wrong with it.
+    """
     path = Path(path)
     meta_path, tensor_path = path / META, path / TENSORS
     if not meta_path.exists() or not tensor_path.exists():
         raise CheckpointError(f"{path} is not a complete checkpoint (needs {META} and {TENSORS})")
     try:
         meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{meta_path} is truncated or corrupt: {e}") from None
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{meta_path}: format {meta.get('format')!r}, expected {FORMAT}")
+    except RecursionError:
+        raise CheckpointError(f"{meta_path} is corrupt: nested too deeply") from None
+    if not isinstance(meta, dict) or meta.get("format") not in _READABLE_FORMATS:
+        found = meta.get("format") if isinstance(meta, dict) else meta
+        raise CheckpointError(f"{meta_path}: format {found!r}, expected {FORMAT}")
+    _check_meta_fields(meta, meta_path)
+    if meta["format"] >= 2:
+        expected_sha = (meta.get("sha256") or {}).get(TENSORS)
+        if not isinstance(expected_sha, str):
+            raise CheckpointError(f"{meta_path} is truncated or corrupt: no sha256 of {TENSORS}")
+        actual = sha256_file(tensor_path)
+        if actual != expected_sha:
+            raise CheckpointError(
+                f"{tensor_path} is truncated or corrupt: its sha256 is {actual[:12]}..., "
+                f"{META} says {expected_sha[:12]}..."
+            )
     try:
         with safe_open(str(tensor_path), framework="pt", device="cpu") as f:
             tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
@@ -132,12 +220,18 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.T
             f"{tensor_path} does not match {META}: "
             + (f"missing {', '.join(missing)}" if missing else "tensor shapes differ")
         )
+    bad = _non_finite(tensors)
+    if bad:
+        raise CheckpointError(f"{tensor_path} holds non-finite values in {', '.join(bad)}")
     return meta, tensors
 
 
 def load_checkpoint(trainer, path: str | Path) -> dict[str, Any]:
-    """Restore ``trainer`` in place from ``path``; returns the saved ``data_state``."""
+    """Restore ``trainer`` in place from ``path`` (verified first, see :func:`read_checkpoint`);
+    returns the saved ``data_state``. Stale temporaries of killed saves beside ``path`` are removed.
+    """
     meta, tensors = read_checkpoint(path)
+    remove_stale_temporaries(Path(path).parent, name=_NAME)
     with torch.no_grad():
         state = {k.removeprefix("sae/"): v for k, v in tensors.items() if k.startswith("sae/")}
         trainer.sae.load_state_dict(state, strict=True)

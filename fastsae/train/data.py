@@ -60,7 +60,7 @@ class TrainData:
         from fastsae.data import ActivationCache
 
         cfg = self.cfg
-        self.cache = ActivationCache(cfg.cache_dir)
+        self.cache = ActivationCache(cfg.cache_dir, verify="open")  # every sha256 before step 1
         missing = [h for h in self.hooks if h not in self.cache.hooks]
         if missing:
             from fastsae.data.sources import unknown_hook_error

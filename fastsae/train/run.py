@@ -34,8 +34,10 @@ import torch
 
 from fastsae.train.checkpoint import (
     latest_checkpoint,
+    latest_good_checkpoint,
     load_checkpoint,
     read_checkpoint,
+    remove_stale_run_temporaries,
     save_checkpoint,
 )
 from fastsae.train.config import TrainConfig
@@ -157,12 +159,13 @@ def _run_with_data(cfg, data, device, resume_path, stop_after_steps, log, checke
         log(f"resumed from {resume_path} at step {trainer.step_count}")
 
     def last_good():
-        return latest_checkpoint(out_dir)
+        return latest_good_checkpoint(out_dir)
 
     def checkpoint() -> Path:
         with write_errors(f"a checkpoint of step {trainer.step_count}", last_good):
             return save_checkpoint(trainer, out_dir, data_state=data.state_dict())
 
+    remove_stale_run_temporaries(out_dir)  # what killed writes left (never a live writer's)
     metrics_path = out_dir / "metrics.jsonl"
     with write_errors(f"{out_dir}/config.json and metrics.jsonl", last_good):
         (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))

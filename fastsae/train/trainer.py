@@ -165,18 +165,21 @@ class Trainer:
 
     @torch.no_grad()
     def initialize(self, x: Tensor, y: Tensor | None = None) -> None:
-        """Data-dependent initialisation from a sample: input-norm scales and ``b_dec``."""
+        """Data-dependent initialisation from a sample: input-norm scales and ``b_dec``.
+
+        Raises:
+            ValueError: the sample is empty, holds NaN or infinite values, or has a (near-)zero
+                mean norm (an all-zero batch would give a scale of 1e12); the trainer is left
+                untouched, so a good batch later initialises it normally.
+        """
         cfg, sae = self.cfg, self.sae
         x = x.to(self.device, torch.float64)
         y = x if y is None else y.to(self.device, torch.float64)
+        # checked before anything is assigned: a refused batch leaves the trainer untouched
+        scales = [_init_scale(n, t, d) for n, t, d in (("x", x, sae.d_in), ("y", y, sae.d_out))]
         if cfg.normalize_activations:
             # SAELens's expected_average_only_in: E||x|| = sqrt(d) after scaling.
-            self.in_scale = torch.tensor(
-                math.sqrt(sae.d_in) / float(x.norm(dim=-1).mean().clamp(min=1e-12))
-            )
-            self.out_scale = torch.tensor(
-                math.sqrt(sae.d_out) / float(y.norm(dim=-1).mean().clamp(min=1e-12))
-            )
+            self.in_scale, self.out_scale = (torch.tensor(s) for s in scales)
         target = y * self.out_scale.to(y.device)
         if cfg.init_b_dec == "geometric_median":
             sae.b_dec.copy_(geometric_median(target[:4096]).to(sae.dtype))
@@ -214,10 +217,23 @@ class Trainer:
         return contextlib.nullcontext()
 
     def step(self, x: Tensor, y: Tensor | None = None) -> dict[str, float]:
-        """One optimizer step on ``x [B, d_in]`` (and target ``y [B, d_out]`` for transcoders)."""
+        """One optimizer step on ``x [B, d_in]`` (and target ``y [B, d_out]`` for transcoders).
+
+        ``x`` and ``y`` must be floating-point tensors (any float dtype, any device; they are
+        moved to the trainer's). The first step also initialises the scales and ``b_dec`` from
+        its batch (see :meth:`initialize`).
+
+        Raises:
+            TypeError: ``x`` / ``y`` is not a tensor or not floating point (int, bool).
+            ValueError: a wrong shape, or a first batch that cannot initialise the trainer.
+            NonFiniteLossError: the loss is NaN or infinite (the weights are not updated).
+        """
         cfg, sae = self.cfg, self.sae
-        if x.ndim != 2 or x.shape[1] != sae.d_in:
-            raise ValueError(f"x has shape {tuple(x.shape)}; expected [B, {sae.d_in}]")
+        _check_batch("x", x, sae.d_in)
+        if y is not None:
+            _check_batch("y", y, sae.d_out)
+            if y.shape[0] != x.shape[0]:
+                raise ValueError(f"y has {y.shape[0]} rows, x has {x.shape[0]}")
         if sae.d_out != sae.d_in and y is None:
             raise ValueError(f"a transcoder (d_out={sae.d_out}) needs the target y")
         if not self.initialized:
@@ -333,6 +349,46 @@ class Trainer:
         """Write the inference SAE (scaling folded) with its ``sparsity.safetensors``."""
         sparsity = torch.log10(self.feature_density() + 1e-10).float()
         return self.inference_sae().save(path, sparsity=sparsity)
+
+
+def _check_batch(name: str, t: Tensor, width: int) -> None:
+    """Type and shape of a training batch (free: no data is read)."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(
+            f"{name} has dtype {t.dtype}; activations must be floating point (float32, "
+            "bfloat16, float16 or float64)"
+        )
+    if t.ndim != 2 or t.shape[1] != width:
+        raise ValueError(f"{name} has shape {tuple(t.shape)}; expected [B, {width}]")
+    if t.shape[0] == 0:
+        raise ValueError(f"{name} is an empty batch (shape {tuple(t.shape)}); B must be >= 1")
+
+
+def _init_scale(name: str, t: Tensor, d: int) -> float:
+    """``sqrt(d) / mean ||row||`` of the initialisation batch, refusing batches that would poison
+    the trainer: empty, non-finite, or with a mean norm too small to divide by."""
+    if t.shape[0] == 0:
+        raise ValueError(f"the first batch is empty ({name} has shape {tuple(t.shape)})")
+    if not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).any(-1).sum())
+        raise ValueError(
+            f"the first batch holds NaN or infinite values ({name}: {bad} of {t.shape[0]} rows); "
+            "it would set the input scale to NaN. Nothing was initialised"
+        )
+    mean_norm = float(t.norm(dim=-1).mean())
+    if not math.isfinite(mean_norm):
+        raise ValueError(
+            f"the first batch is too large to scale ({name} mean row norm overflows float64). "
+            "Nothing was initialised"
+        )
+    if not mean_norm > 1e-6 * math.sqrt(d):
+        raise ValueError(
+            f"the first batch is all (near) zero ({name} mean row norm {mean_norm:.3g}); it would "
+            "set the input scale above 1e6. Nothing was initialised"
+        )
+    return math.sqrt(d) / mean_norm
 
 
 def _adam_impl(device: torch.device) -> dict[str, bool]:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+import threading
 
 import numpy as np
 import pytest
@@ -122,3 +124,134 @@ def test_missing_or_truncated_shard(small_cache):
 def test_not_a_cache(tmp_path):
     with pytest.raises(ValueError, match="no manifest.json"):
         ActivationCache(tmp_path)
+
+
+# -- the manifest is checked against itself and the shards on open (issue 11) -------------------
+
+
+@pytest.fixture(scope="module")
+def pristine_cache(tmp_path_factory, demo_source, demo_sequences):
+    path = tmp_path_factory.mktemp("pristine")
+    write_cache(path, demo_source, _sequences(demo_sequences, 4), tokens=500, shard_tokens=200)
+    return path
+
+
+@pytest.fixture
+def cache_copy(tmp_path, pristine_cache):
+    shutil.copytree(pristine_cache, tmp_path / "c")
+    return tmp_path / "c"
+
+
+def _edit_manifest(path, change):
+    manifest = json.loads((path / "manifest.json").read_text())
+    change(manifest)
+    (path / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _set_width(m, width):
+    m["d"][HOOKS[0]] = width
+    m["columns"][0]["d"] = width
+
+
+def _set_dtype(m, dtype):
+    m["dtype"] = dtype
+    for col in m["columns"][:-1]:
+        col["dtype"] = dtype
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda m: m.pop("shards"), "'shards' must be a list, got None"),
+        (lambda m: m.update(shards={}), "'shards' must be a list"),
+        (lambda m: m["d"].update({HOOKS[0]: 64}), "'columns' .* do not match hooks, d and dtype"),
+        (lambda m: _set_width(m, 64), r"shard 0: bytes=\d+ offsets=.* do not match 200 tokens"),
+        (lambda m: m.update(dtype="bfloat16"), "'columns' .* do not match"),
+        (lambda m: _set_dtype(m, "bfloat16"), "shard 0: bytes=.* do not match"),
+        (lambda m: m.update(dtype="int8"), "dtype='int8' is unknown"),
+        (lambda m: m.update(token_count=999), "token_count=999, but the shards hold 500 tokens"),
+        (lambda m: m.update(token_count="500"), "'token_count' must be a int"),
+        (lambda m: m.update(complete=False), "the cache is incomplete"),
+        (lambda m: m.pop("complete"), "the cache is incomplete"),
+        (lambda m: m["shards"][1].update(file="../shard-00001.bin"), "file='../shard-00001.bin'"),
+        (lambda m: m["shards"][1].update(start=0), "shard 1: start=0 tokens=200; expected start=200"),
+        (lambda m: m["shards"][2].update(sha256=None), "shard 2: sha256=None"),
+        (lambda m: m.update(hooks=[]), "'hooks' must be a non-empty list"),
+    ],
+    ids=[
+        "no-shards", "shards-dict", "d", "d-and-columns", "dtype", "dtype-and-columns",
+        "dtype-unknown", "token-count", "token-count-str", "incomplete", "no-complete",
+        "path", "start", "sha", "no-hooks",
+    ],
+)  # fmt: skip
+def test_a_manifest_that_disagrees_with_its_shards_is_refused_on_open(cache_copy, change, message):
+    _edit_manifest(cache_copy, change)
+    with pytest.raises(ValueError, match=message):
+        ActivationCache(cache_copy, verify="none")
+
+
+def test_an_incomplete_cache_opens_only_when_asked(cache_copy):
+    _edit_manifest(cache_copy, lambda m: m.update(complete=False))
+    assert len(ActivationCache(cache_copy, allow_incomplete=True)) == 500
+
+
+def test_a_deeply_nested_manifest_is_a_clear_error(cache_copy):
+    (cache_copy / "manifest.json").write_text('{"format": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    with pytest.raises(ValueError, match="manifest.json is nested too deeply"):
+        ActivationCache(cache_copy)
+
+
+def test_training_verifies_every_shard_before_the_first_step(cache_copy):
+    from fastsae.train import TrainConfig
+    from fastsae.train.data import open_data
+
+    _flip_byte(cache_copy / "shard-00002.bin", offset=10)  # the last shard
+    cfg = TrainConfig(
+        cache_dir=str(cache_copy), hook=HOOKS[0], d_sae=64, k=4, batch_size=64,
+        buffer_tokens=128, eval_tokens=100, backend="torch", progress=False,
+    )  # fmt: skip
+    with pytest.raises(CacheIntegrityError, match="shard shard-00002.bin is corrupt"):
+        open_data(cfg, device=torch.device("cpu"))
+
+
+# -- one writer per directory (issue 11) ------------------------------------------------------
+
+
+class _BlockingSource:
+    """Wraps a source; its first ``activations`` call waits until ``release`` is set."""
+
+    def __init__(self, source):
+        self._source = source
+        self.inside = threading.Event()
+        self.release = threading.Event()
+
+    def __getattr__(self, name):
+        return getattr(self._source, name)
+
+    def activations(self, tokens, attention_mask=None):
+        self.inside.set()
+        assert self.release.wait(60)
+        return self._source.activations(tokens, attention_mask)
+
+
+def test_a_second_writer_into_the_same_directory_is_refused(tmp_path, demo_source, demo_sequences):
+    seqs = _sequences(demo_sequences, 2)
+    blocking = _BlockingSource(demo_source)
+    results = {}
+
+    def first():
+        results["manifest"] = write_cache(tmp_path, blocking, seqs, tokens=200, shard_tokens=100)
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    try:
+        assert blocking.inside.wait(60)
+        with pytest.raises(ValueError, match=f"activation cache {tmp_path} is being written by"):
+            write_cache(tmp_path, demo_source, seqs, tokens=200, shard_tokens=100)
+    finally:
+        blocking.release.set()
+        thread.join(60)
+    assert results["manifest"]["token_count"] == 200
+    assert len(ActivationCache(tmp_path, verify="open")) == 200
+    # the lock is released with the writer: the next writer (a no-op resume) gets it
+    assert write_cache(tmp_path, demo_source, seqs, tokens=200, shard_tokens=100)["complete"]

@@ -140,3 +140,21 @@ def test_help_documents_every_flag(capsys):
     out = capsys.readouterr().out
     for flag in ("--model", "--hooks", "--dataset", "--tokens", "--out", "--dtype", "--bos"):
         assert flag in out
+
+
+def test_a_second_cache_command_fails_before_loading_the_model(tmp_path, capsys, monkeypatch):
+    from filelock import FileLock
+
+    import fastsae.data.models as models
+
+    def no_model(*a, **k):
+        raise AssertionError("the model was loaded although the directory is locked")
+
+    monkeypatch.setattr(models, "open_source", no_model)
+    out = tmp_path / "acts"
+    out.mkdir()
+    with FileLock(out / writer.LOCK, timeout=0), pytest.raises(SystemExit) as info:  # a live writer
+        writer.main(["--tokens", "100", "--out", str(out)])
+    assert info.value.code == 2
+    assert f"activation cache {out} is being written by another process" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == [writer.LOCK]

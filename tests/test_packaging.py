@@ -1,0 +1,39 @@
+"""Packaging (issue 11): the distribution name is not the unrelated PyPI placeholder ``fastsae``,
+and the README says how to install it."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+import fastsae
+
+tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+
+ROOT = Path(__file__).resolve().parent.parent
+DISTRIBUTION = "fastsae-lab"
+
+
+def test_distribution_name_is_ours_and_the_import_name_stays():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert project["name"] == DISTRIBUTION  # `fastsae` on PyPI is someone else's placeholder
+    assert "filelock>=3.12" in project["dependencies"]
+    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert "fastsae" in packages["packages"]
+    assert fastsae.__version__ == project["version"]
+
+
+def test_readme_install_section_names_the_distribution():
+    readme = (ROOT / "README.md").read_text()
+    # the first two commands stay first
+    first = re.search(r"```bash\n(.*?)```", readme, re.S).group(1).splitlines()
+    assert first[0].startswith("make train") and first[1].startswith("make test")
+    install = readme.split("## Install", 1)[1].split("\n## ", 1)[0]
+    assert f"pip install {DISTRIBUTION}" in install
+    assert "download.pytorch.org/whl/cpu" in install  # the CPU torch first
+    assert "pip install -e '.[dev]'" in install
+    commands = [line.strip() for block in re.findall(r"```bash\n(.*?)```", readme, re.S)
+                for line in block.splitlines()]  # fmt: skip
+    assert "pip install fastsae" not in commands
