@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 
 from fastsae.cli import add_dataclass_arguments, dataclass_from_args
@@ -39,10 +40,12 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """Defaults -> preset -> config file -> flags (or the checkpoint's config with --resume)."""
     if args.resume:
+        from fastsae.parallel.checkpoint import is_sharded, read_meta
         from fastsae.train.checkpoint import read_checkpoint
         from fastsae.train.run import resolve_resume
 
-        meta, _ = read_checkpoint(resolve_resume(args.resume))
+        path = resolve_resume(args.resume)
+        meta = read_meta(path) if is_sharded(path) else read_checkpoint(path)[0]
         base = TrainConfig.from_dict(meta["config"])
     else:
         values: dict = dict(PRESETS[args.preset]) if args.preset else {}
@@ -62,16 +65,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print(json.dumps(dataclasses.asdict(cfg), indent=2))
         return 0
+    from fastsae.parallel.mesh import PeerFailure
     from fastsae.train.run import run
     from fastsae.train.trainer import NonFiniteLossError
 
     try:
         result = run(cfg, resume=args.resume, stop_after_steps=args.stop_after_steps)
-    except (NonFiniteLossError, MemoryError, ValueError) as e:
+    except (NonFiniteLossError, MemoryError, ValueError, PeerFailure) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     if result["status"] == "interrupted":
         return 130
+    if int(os.environ.get("RANK", "0")) != 0:  # torchrun: rank 0 reports for every rank
+        return 0
     print(
         f"\nsaved SAE to {result['sae_dir']} (SAELens v6 format; loads with fastsae.load or "
         "sae_lens.SAE.load_from_disk)"
