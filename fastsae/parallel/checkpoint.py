@@ -27,12 +27,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from fastsae.config import SAEConfig
-from fastsae.parallel.mesh import PeerFailure
+from fastsae.parallel.comm import barrier
 from fastsae.parallel.trainer import LATENT_ROWS
 from fastsae.sae import SAE
 from fastsae.train.checkpoint import CheckpointError, list_checkpoints
@@ -59,13 +58,6 @@ def _is_sliced(key: str) -> bool:
 
 def _latent_dim(key: str) -> int:
     return 1 if key.split("/")[1:2] == ["W_enc"] else 0
-
-
-def _barrier(what: str) -> None:
-    try:
-        dist.barrier()
-    except (RuntimeError, dist.DistError) as e:
-        raise PeerFailure(f"rank {dist.get_rank()}: barrier ({what}) failed: {e}") from e
 
 
 def _slab_tensors(trainer) -> dict[str, torch.Tensor]:
@@ -100,13 +92,13 @@ def save_sharded(trainer, out_dir: str | Path, *, data_state: dict[str, Any] | N
     if layout.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    _barrier("checkpoint: directory")
+    barrier("checkpoint: directory")
     name = f"shard-{layout.latent_rank:05d}.safetensors"
     if layout.writes_shard:
         tensors = _slab_tensors(trainer)
         save_file(tensors, str(tmp / name))
         _fsync(tmp / name)
-    _barrier("checkpoint: shards written")
+    barrier("checkpoint: shards written")
     if layout.is_main:
         from fastsae.parallel.mesh import latent_slab
 
@@ -135,7 +127,7 @@ def save_sharded(trainer, out_dir: str | Path, *, data_state: dict[str, Any] | N
         os.rename(tmp, path)
         for old in list_checkpoints(out_dir)[: -trainer.cfg.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
-    _barrier("checkpoint: renamed")
+    barrier("checkpoint: renamed")
     return path
 
 

@@ -18,12 +18,13 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from fastsae.parallel.mesh import PeerFailure
+from fastsae.parallel.mesh import peer_failure
 
 __all__ = [
     "COUNTER",
     "all_gather",
     "all_reduce",
+    "barrier",
     "broadcast",
     "copy_to_latent",
     "reduce_from_latent",
@@ -40,11 +41,13 @@ def _size(group) -> int:
 def _guard(op: str, fn):
     try:
         return fn()
-    except (RuntimeError, dist.DistError) as e:  # DistBackendError, gloo "Connection closed"
-        raise PeerFailure(
-            f"rank {dist.get_rank()}: {op} failed: another rank died or did not answer within "
-            f"the timeout ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
-        ) from e
+    except (RuntimeError, dist.DistError) as e:  # DistBackendError, gloo "Connection reset"
+        raise peer_failure(op, e) from e
+
+
+def barrier(what: str) -> None:
+    """``dist.barrier`` on the world, failing like the collectives."""
+    _guard(f"barrier ({what})", dist.barrier)
 
 
 def all_reduce(t: Tensor, group, op: str = "sum") -> Tensor:

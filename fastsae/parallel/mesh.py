@@ -28,6 +28,7 @@ __all__ = [
     "Layout",
     "PeerFailure",
     "default_latent_size",
+    "peer_failure",
     "init_layout",
     "latent_slab",
 ]
@@ -40,6 +41,15 @@ DEFAULT_TIMEOUT_S = 300.0
 
 class PeerFailure(RuntimeError):
     """A collective failed: another rank died, or did not answer within the timeout."""
+
+
+def peer_failure(op: str, e: BaseException) -> PeerFailure:
+    """The one error every surviving rank reports when collective ``op`` fails."""
+    detail = str(e).splitlines()[0] if str(e) else ""
+    return PeerFailure(
+        f"rank {dist.get_rank()}: {op} failed: another rank died or did not answer within "
+        f"the timeout ({type(e).__name__}: {detail[:300]})"
+    )
 
 
 def default_latent_size(world: int) -> int:

@@ -27,10 +27,10 @@ import torch
 import torch.distributed as dist
 
 from fastsae.parallel.checkpoint import export_sae, is_sharded, load_sharded, save_sharded
-from fastsae.parallel.comm import all_reduce
+from fastsae.parallel.comm import all_reduce, barrier
 from fastsae.parallel.data import RankData
 from fastsae.parallel.memory import estimate_parallel
-from fastsae.parallel.mesh import PeerFailure, init_layout
+from fastsae.parallel.mesh import PeerFailure, init_layout, peer_failure
 from fastsae.parallel.trainer import DistributedTrainer
 from fastsae.train.checkpoint import CheckpointError, latest_checkpoint
 from fastsae.train.config import TrainConfig
@@ -71,7 +71,7 @@ def _agree_out_dir(cfg: TrainConfig) -> TrainConfig:
     try:
         dist.broadcast_object_list(name, src=0)
     except (RuntimeError, dist.DistError) as e:
-        raise PeerFailure(f"rank {dist.get_rank()}: broadcast of out_dir failed: {e}") from e
+        raise peer_failure("broadcast of out_dir", e) from e
     return dataclasses.replace(cfg, out_dir=name[0])
 
 
@@ -168,10 +168,7 @@ def _loop(cfg, layout, trainer, data, out_dir, stop_after_steps, say, stop_on_si
         sae_dir = export_sae(path, out_dir / "sae")
         final = _evaluate(sae_dir, data, layout.device)
         (out_dir / "final_metrics.json").write_text(json.dumps(final, indent=2))
-    try:
-        dist.barrier()
-    except (RuntimeError, dist.DistError) as e:
-        raise PeerFailure(f"rank {dist.get_rank()}: final barrier failed: {e}") from e
+    barrier("end of run")
     return {"status": status, "out_dir": str(out_dir), "sae_dir": str(out_dir / "sae"), **final}
 
 
