@@ -98,7 +98,7 @@ def train_synthetic(mode: str, cfg_dict: dict, steps: int, out_dir: str, seed: i
     ``slab-<rank>.pt`` (the slab's state, Adam moments, counters) and ``stats-<rank>.json``."""
     import torch.distributed as dist
 
-    from fastsae.parallel.comm import COUNTER
+    from fastsae.parallel.comm import COUNTER, all_reduce
     from fastsae.parallel.mesh import init_layout
     from fastsae.parallel.trainer import DistributedTrainer
     from fastsae.train.config import TrainConfig
@@ -107,9 +107,11 @@ def train_synthetic(mode: str, cfg_dict: dict, steps: int, out_dir: str, seed: i
     layout = init_layout(mode, latent_parallel=cfg.latent_parallel, device="cpu")
     trainer = DistributedTrainer(cfg, layout)
     b = cfg.batch_size // layout.dp_size
-    times, comm = [], []
+    times, comm, n_dead = [], [], []
     for s in range(steps):
         x = synthetic_batch(s, cfg.batch_size, cfg.d_in, seed)[layout.dp_rank * b :][:b]
+        dead = (trainer.since_fired >= cfg.dead_tokens).sum().reshape(1)
+        n_dead.append(int(all_reduce(dead, layout.latent_group).item()))
         COUNTER.clear()
         dist.barrier()
         t0 = time.perf_counter()
@@ -130,5 +132,13 @@ def train_synthetic(mode: str, cfg_dict: dict, steps: int, out_dir: str, seed: i
     }
     out = Path(out_dir)
     torch.save(state, out / f"slab-{layout.rank}.pt")
-    stats = {"step_s": times, "bytes": comm, "last": metrics, "rank": layout.rank}
+    stats = {
+        "step_s": times,
+        "bytes": comm,
+        "n_dead": n_dead,
+        "last": metrics,
+        "rank": layout.rank,
+        "dp": layout.dp_size,
+        "latent": layout.latent_size,
+    }
     (out / f"stats-{layout.rank}.json").write_text(json.dumps(stats))

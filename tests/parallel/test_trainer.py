@@ -16,9 +16,12 @@ the weights differ by ~lr * 1e-6, far below 1e-5. AuxK is on from the second ste
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
+from fastsae.parallel.cost import step_bytes
 from fastsae.parallel.launch import spawn, train_single, train_synthetic
 from fastsae.parallel.mesh import default_latent_size, latent_slab
 
@@ -96,6 +99,29 @@ def test_same_weights_as_one_process(tmp_path, mode, world, arch):
     torch.testing.assert_close(got["fire_counts"], one.fire_counts, rtol=0, atol=0)
     v = one.optimizer_of[one.sae.W_dec].state[one.sae.W_dec]["exp_avg_sq"]
     torch.testing.assert_close(got["v_W_dec"], v, rtol=1e-4, atol=1e-12)
+    if arch == "topk":
+        _check_bytes(tmp_path, world, cfg)
+
+
+def _check_bytes(tmp_path, world: int, cfg: dict) -> None:
+    """Every rank handed exactly the bytes of fastsae/parallel/cost.py to collectives."""
+    for r in range(world):
+        stats = json.loads((tmp_path / f"stats-{r}.json").read_text())
+        for step, (measured, n_dead) in enumerate(
+            zip(stats["bytes"], stats["n_dead"], strict=True)
+        ):
+            want = step_bytes(
+                batch=cfg["batch_size"],
+                d_in=cfg["d_in"],
+                d_out=cfg["d_in"],
+                n=cfg["d_sae"],
+                k=cfg["k"],
+                dp=stats["dp"],
+                latent=stats["latent"],
+                aux_width=min(cfg["k_aux"], n_dead),
+                first_step=step == 0,
+            )
+            assert measured == want.payload, (r, step, measured, want)
 
 
 def test_latent_slabs_cover_every_latent_once():
