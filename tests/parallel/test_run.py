@@ -1,5 +1,5 @@
 """The command line under torchrun: a run stopped and resumed on another world size ends where an
-uninterrupted run ends; a killed rank ends every rank with one clear error in bounded time, and
+uninterrupted run and one process (``sae.save``) end; a killed rank ends every rank with one clear error in bounded time, and
 the last checkpoint still loads and exports.
 
 Ranks are launched as ``python -m fastsae.train`` processes with torchrun's environment
@@ -119,11 +119,23 @@ def test_resume_on_another_world_size_matches_uninterrupted(tiny_cache, tmp_path
     assert [c for c, _ in codes] == [0] * 4, codes[0][1][-3000:]
     assert read_meta(latest_checkpoint(part))["world"] == 4
 
-    want, got = _weights(full), _weights(part)
-    assert want.keys() == got.keys()
-    for name in want:
-        # fp32 reduction order only (4 slabs instead of 2 after the resume); see test_trainer.
-        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-5, msg=name)
+    # One process, no --parallel: the same batches (the rank-aware reader's order), sae.save.
+    one = tmp_path / "one"
+    cmd = [sys.executable, "-m", "fastsae.train", *_args(tiny_cache, one, "none")]
+    done = subprocess.run(cmd, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    want = _weights(one)
+    for run in (full, part):
+        got = _weights(run)
+        assert want.keys() == got.keys()
+        for name in want:
+            # fp32 reduction order only (2 or 4 slabs against one); see test_trainer.py.
+            torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-5, msg=name)
+        sparsity = load_file(str(run / "sae" / "sparsity.safetensors"))["sparsity"]
+        assert torch.equal(
+            sparsity, load_file(str(one / "sae" / "sparsity.safetensors"))["sparsity"]
+        )
 
 
 def test_killed_rank_ends_every_rank_and_checkpoint_loads(tiny_cache, tmp_path):

@@ -84,10 +84,12 @@ def _consolidate(tmp_path, world: int, d_sae: int) -> dict[str, torch.Tensor]:
         ("latent", 4, "topk"),
         ("latent", 2, "batchtopk"),
         ("dp,latent", 4, "topk"),
+        ("latent", 2, "topk+optimizer_in_backward"),
     ],
 )
 def test_same_weights_as_one_process(tmp_path, mode, world, arch):
-    cfg = _cfg(architecture=arch)
+    arch, _, option = arch.partition("+")
+    cfg = _cfg(architecture=arch, **({option: True} if option else {}))
     spawn(train_synthetic, world, mode, cfg, STEPS, str(tmp_path), timeout_s=180)
     got = _consolidate(tmp_path, world, cfg["d_sae"])
     one = train_single(cfg, STEPS)
