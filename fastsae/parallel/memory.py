@@ -3,8 +3,8 @@ plus what the mode adds.
 
 - every mode: the slab (``ceil(n / latent)`` latents) with its gradients and Adam moments, and
   the working set of ``B / dp`` tokens;
-- ``dp`` (data groups > 1): one flat gradient buffer for the all-reduce (the gradients are
-  concatenated into one tensor so that one collective carries them): a second gradient;
+- ``dp`` (data groups > 1): nothing (gradients are all-reduced in place, one parameter at a
+  time), but ``optimizer_in_backward`` is refused, so both matrices' gradients exist at once;
 - ``latent`` (latent groups > 1): the gathered candidates, ``(k + k_aux)`` per token per latent
   rank as an fp32 score and an int64 index (x2 for the merge's copies), and the partial
   reconstructions ``[B / dp, d_out]`` being summed.
@@ -37,8 +37,6 @@ def estimate_parallel(cfg, d_in: int, d_out: int, dp: int, latent: int) -> Memor
         parallel="none",
     )
     mem = estimate(local, d_in, d_out, optimizer_in_backward=bool(cfg.optimizer_in_backward))
-    if dp > 1:
-        mem.grads += mem.grads  # the flat all-reduce buffer
     if latent > 1:
         k_main = int(math.ceil(cfg.k or 1))
         k_aux = cfg.k_aux or d_out // 2

@@ -132,21 +132,24 @@ class DistributedTrainer(Trainer):
 
     @torch.no_grad()
     def _reduce_gradients(self) -> None:
+        """Mean of the gradients over the data group, in place, one collective per parameter
+        (no flat copy: at 2^20 latents that copy alone would be 18 GiB)."""
         group, size = self.layout.dp_group, self.layout.dp_size
         if size == 1:
             return
-        params = list(self.sae.parameters())
-        grads = [
-            (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params
-        ]
-        flat = all_reduce(torch.cat(grads), group).div_(size)
-        start = 0
-        for p in params:
-            n = p.numel()
+        for p in self.sae.parameters():
             if p.grad is None:
-                p.grad = torch.empty_like(p)  # keeps W_enc's latent-major layout
-            p.grad.copy_(flat[start : start + n].view(p.shape))
-            start += n
+                p.grad = torch.zeros_like(p)
+            g = p.grad
+            # W_enc's gradient is the transpose view of a contiguous latent-major buffer; a sum
+            # does not care about layout, so that buffer is reduced in place.
+            if g.is_contiguous():
+                all_reduce(g, group)
+            elif g.T.is_contiguous():
+                all_reduce(g.T, group)
+            else:
+                g.copy_(all_reduce(g.contiguous(), group))
+            g.div_(size)
 
     def step(self, x: Tensor, y: Tensor | None = None) -> dict[str, float]:
         metrics = super().step(x, y)
