@@ -23,7 +23,6 @@ import torch
 
 from fastsae.parallel.cost import step_bytes
 from fastsae.parallel.launch import spawn, train_single, train_synthetic
-from fastsae.parallel.mesh import default_latent_size, latent_slab
 
 STEPS = 4
 RTOL = ATOL = 1e-5
@@ -124,13 +123,3 @@ def _check_bytes(tmp_path, world: int, cfg: dict) -> None:
                 first_step=step == 0,
             )
             assert measured == want.payload, (r, step, measured, want)
-
-
-def test_latent_slabs_cover_every_latent_once():
-    for n, size in [(64, 4), (33, 4), (7, 7), (10, 3)]:
-        slabs = [latent_slab(n, size, r) for r in range(size)]
-        assert slabs[0][0] == 0
-        for (o1, c1), (o2, _) in zip(slabs, slabs[1:], strict=False):
-            assert o1 + c1 == o2
-        assert sum(c for _, c in slabs) == n
-    assert [default_latent_size(w) for w in (1, 2, 4, 6, 8, 9)] == [1, 1, 2, 2, 2, 3]
