@@ -34,6 +34,7 @@ from fastsae import reference as ref
 from fastsae.architectures import _default_k_aux
 from fastsae.ops._sparse_encode import _apply, batch_topk_select
 from fastsae.ops._torch import _merge
+from fastsae.parallel.batch import dp_batch_topk_select
 from fastsae.parallel.comm import all_gather, copy_to_latent, reduce_from_latent
 from fastsae.sae import SAE, LossOutput, SAEOutput
 
@@ -132,6 +133,9 @@ def sharded_loss(
     dead_mask: Tensor,
     n_dead: int,
     coeffs: dict,
+    batch_group=None,
+    dp_size: int = 1,
+    dp_rank: int = 0,
 ) -> LossOutput:
     """The loss of the whole (sharded) SAE, computed by one slab's rank: ``sae`` holds the slab
     (``d_sae = shard.count``), ``x [B, d_in]`` and ``y [B, d_out]`` are the same on every rank of
@@ -139,6 +143,10 @@ def sharded_loss(
 
     ``output.values``/``indices`` are the global codes (for metrics); ``output.local`` holds
     ``(values, slab indices)`` of this slab's winners (zero-valued padding elsewhere).
+
+    BatchTopK with ``dp_size > 1``: ``x`` is data rank ``dp_rank``'s share of a global batch split
+    over ``batch_group``, and the batch's top ``k B`` is taken over the global batch
+    (:func:`fastsae.parallel.batch.dp_batch_topk_select`).
     """
     arch = sae.cfg.architecture
     if arch not in SHARDABLE:
@@ -150,7 +158,12 @@ def sharded_loss(
     seen: dict[str, Tensor] = {}
 
     def selector(x_in, W, b):
-        if arch == "batchtopk":
+        if arch == "batchtopk" and dp_size > 1:
+            top, idx, a_top, a_idx = dp_batch_topk_select(
+                select, x_in, W, b, k, n=shard.n, group=batch_group, dp_size=dp_size,
+                dp_rank=dp_rank, **aux,
+            )  # fmt: skip
+        elif arch == "batchtopk":
             top, idx, a_top, a_idx = batch_topk_select(select, x_in, W, b, k, n=shard.n, **aux)
         else:
             top, idx, a_top, a_idx = select(x_in, W, b, int(k), **aux)

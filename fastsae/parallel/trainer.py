@@ -108,7 +108,8 @@ class DistributedTrainer(Trainer):
         return self.since_fired >= self.cfg.dead_tokens
 
     def _loss(self, x: Tensor, y: Tensor | None, dead_mask: Tensor | None):
-        if not self.sharded:
+        global_batch = self.cfg.architecture == "batchtopk" and self.layout.dp_size > 1
+        if not self.sharded and not global_batch:
             result = super()._loss(x, y, dead_mask)
         else:
             dead = self._dead_local()
@@ -122,6 +123,9 @@ class DistributedTrainer(Trainer):
                 dead_mask=dead,
                 n_dead=n_dead,
                 coeffs=self._coefficients(),
+                batch_group=self.layout.dp_group,
+                dp_size=self.layout.dp_size,
+                dp_rank=self.layout.dp_rank,
             )
         # One rank's non-finite loss must stop every rank at the same step, not leave the others
         # waiting in the gradient all-reduce.
@@ -174,7 +178,7 @@ class DistributedTrainer(Trainer):
         if cfg.architecture == "jumprelu":
             sae.threshold.clamp_(min=0.0)
         n_local = self.since_fired.shape[0]
-        if self.sharded:
+        if getattr(out, "local", None) is not None:  # from sharded_loss: this slab's winners
             values, indices = out.local
             fired = indices[values > 0]
             counts = torch.bincount(fired.reshape(-1), minlength=n_local)

@@ -84,6 +84,8 @@ def _consolidate(tmp_path, world: int, d_sae: int) -> dict[str, torch.Tensor]:
         ("latent", 2, "batchtopk"),
         ("dp,latent", 4, "topk"),
         ("latent", 2, "topk+optimizer_in_backward"),
+        ("dp", 2, "batchtopk"),
+        ("dp,latent", 4, "batchtopk"),
     ],
 )
 def test_same_weights_as_one_process(tmp_path, mode, world, arch):
