@@ -59,11 +59,13 @@ def step_bytes(
     aux_width: int = 0,
     b_dec_in_encoder: bool = True,
     first_step: bool = False,
+    grad_clip: bool = False,
 ) -> StepBytes:
     """Payload bytes of one TopK step on one rank of a ``dp x latent`` grid.
 
     ``batch`` is the global batch; ``aux_width = min(k_aux, n_dead)`` (0: no AuxK this step);
-    ``first_step`` adds the gathering of the first batch for the data-dependent initialisation.
+    ``first_step`` adds the gathering of the first batch for the data-dependent initialisation;
+    ``grad_clip``, the all-reduce of the slabs' squared gradient norms.
     """
     b = batch // dp
     n_local = -(-n // latent)  # the largest slab (slabs differ by at most one latent)
@@ -80,4 +82,6 @@ def step_bytes(
         out.recon_all_reduce = 4 * b * d_out * (2 if aux_width else 1)
         # n_dead before the loss and for the log (int64); b_dec's gradient through the encoder
         out.small += 8 + 8 + (4 * d_out if b_dec_in_encoder else 0)
+        if grad_clip:
+            out.small += 8  # the slabs' squared gradient norms (fp64)
     return out

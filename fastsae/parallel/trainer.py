@@ -41,8 +41,6 @@ def check_parallel_config(cfg: TrainConfig, layout: Layout) -> None:
                 f"parallel={layout.mode} shards latents, which supports architecture in "
                 f"{SHARDABLE}, not {cfg.architecture!r}; use parallel=dp"
             )
-        if cfg.grad_clip is not None:
-            raise ValueError(f"grad_clip is not supported with parallel={layout.mode} yet")
         if cfg.d_sae < layout.latent_size:
             raise ValueError(
                 f"d_sae={cfg.d_sae} must be >= the latent group size {layout.latent_size}"
@@ -154,6 +152,28 @@ class DistributedTrainer(Trainer):
             else:
                 g.copy_(all_reduce(g.contiguous(), group))
             g.div_(size)
+
+    @torch.no_grad()
+    def _clip_gradients(self, max_norm: float) -> float:
+        """The global norm: squared norms of the slab's per-latent gradients summed over the
+        latent group, replicated ones (``b_dec``, ``W_skip``) counted once; then
+        ``clip_grad_norm_``'s scaling, ``min(1, max_norm / (norm + 1e-6))``."""
+        if not self.sharded:
+            return super()._clip_gradients(max_norm)
+        names = dict(self.sae.named_parameters())
+        grads = {n: p.grad for n, p in names.items() if p.grad is not None}
+        sliced = [g for n, g in grads.items() if n in (*LATENT_ROWS, "W_enc")]
+        shared = [g for n, g in grads.items() if n not in (*LATENT_ROWS, "W_enc")]
+        sq = torch.stack([g.double().pow(2).sum() for g in sliced]).sum().reshape(1)
+        sq = all_reduce(sq, self.layout.latent_group)
+        if shared:
+            sq = sq + torch.stack([g.double().pow(2).sum() for g in shared]).sum()
+        norm = float(sq.sqrt().item())
+        scale = min(1.0, max_norm / (norm + 1e-6))
+        if scale < 1.0:
+            for g in grads.values():
+                g.mul_(scale)
+        return norm
 
     def step(self, x: Tensor, y: Tensor | None = None) -> dict[str, float]:
         metrics = super().step(x, y)

@@ -210,6 +210,11 @@ class Trainer:
         """Called after backward, before the decoder projection, clipping and Adam: the
         data-parallel trainer (fastsae/parallel) all-reduces gradients here."""
 
+    def _clip_gradients(self, max_norm: float) -> float:
+        """Clip the global gradient norm to ``max_norm``; returns the norm before clipping
+        (fastsae/parallel overrides this to sum the norms of latent slabs)."""
+        return float(torch.nn.utils.clip_grad_norm_(self.sae.parameters(), max_norm))
+
     def lr_at(self, step: int) -> float:
         """Linear warm-up, constant, then linear decay to zero from ``decay_start``."""
         cfg = self.cfg
@@ -264,9 +269,7 @@ class Trainer:
                 if cfg.decoder_normalized:
                     _remove_parallel_decoder_grad(sae)
                 if cfg.grad_clip is not None:
-                    grad_norm = float(
-                        torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
-                    )
+                    grad_norm = self._clip_gradients(cfg.grad_clip)
                 self.optimizers[0].step()
         with nvtx.annotate("bookkeeping", color="purple"):
             self._after_update(result.output)

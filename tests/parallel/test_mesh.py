@@ -44,7 +44,6 @@ def _layout(dp: int, latent: int):
     ("over", "dp", "latent", "message"),
     [
         ({"architecture": "jumprelu", "k": None}, 1, 2, "cannot|supports architecture"),
-        ({"grad_clip": 1.0}, 1, 2, "grad_clip"),
         ({"batch_size": 30, "buffer_tokens": 64}, 4, 1, "multiple of the data-parallel size"),
         ({"optimizer_in_backward": True}, 2, 1, "optimizer_in_backward"),
         ({"d_sae": 2, "k": 1}, 1, 4, "d_sae=2 must be >= the latent group size 4"),

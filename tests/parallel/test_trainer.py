@@ -84,13 +84,16 @@ def _consolidate(tmp_path, world: int, d_sae: int) -> dict[str, torch.Tensor]:
         ("latent", 2, "batchtopk"),
         ("dp,latent", 4, "topk"),
         ("latent", 2, "topk+optimizer_in_backward"),
+        ("latent", 2, "topk+grad_clip"),
         ("dp", 2, "batchtopk"),
         ("dp,latent", 4, "batchtopk"),
     ],
 )
 def test_same_weights_as_one_process(tmp_path, mode, world, arch):
     arch, _, option = arch.partition("+")
-    cfg = _cfg(architecture=arch, **({option: True} if option else {}))
+    # grad_clip=0.05: below the first steps' gradient norms, so the clipping scales every step.
+    values = {"optimizer_in_backward": True, "grad_clip": 0.05}
+    cfg = _cfg(architecture=arch, **({option: values[option]} if option else {}))
     spawn(train_synthetic, world, mode, cfg, STEPS, str(tmp_path), timeout_s=180)
     got = _consolidate(tmp_path, world, cfg["d_sae"])
     one = train_single(cfg, STEPS)
@@ -123,5 +126,6 @@ def _check_bytes(tmp_path, world: int, cfg: dict) -> None:
                 latent=stats["latent"],
                 aux_width=min(cfg["k_aux"], n_dead),
                 first_step=step == 0,
+                grad_clip=cfg.get("grad_clip") is not None,
             )
             assert measured == want.payload, (r, step, measured, want)
