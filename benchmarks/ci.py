@@ -20,6 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks import distributed
 from benchmarks.compare import load
 from benchmarks.dashboard import build
 from benchmarks.harness import record
@@ -42,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         work.mkdir(parents=True, exist_ok=True)
         results = work / "results.jsonl"
         env, rows = run_suite(args.suite, repeats=2 if args.suite == "smoke" else None)
+        rows += distributed.run("smoke")  # multi-process step time and bytes (2 gloo ranks)
         record(rows, env, results)
         for row in rows:
             where = f"{row['case']} / {row['provider']}"

@@ -95,7 +95,14 @@ def _widen(top: Tensor, idx: Tensor, width: int) -> tuple[Tensor, Tensor]:
 
 
 def batch_topk_select(
-    select: SelectFn, x_in: Tensor, W_enc: Tensor, b_enc: Tensor, k: float, **aux
+    select: SelectFn,
+    x_in: Tensor,
+    W_enc: Tensor,
+    b_enc: Tensor,
+    k: float,
+    *,
+    n: int | None = None,
+    **aux,
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
     """Exact BatchTopK selection from per-row candidates.
 
@@ -105,8 +112,12 @@ def batch_topk_select(
     batch threshold might hold more winners, so such rows are selected again with twice the
     candidates until no row is cut off. Unkept candidates
     get a ``-inf`` score; the result is trimmed to the widest row.
+
+    ``n``: the number of latents ``select`` chooses from; default ``W_enc.shape[1]`` (the
+    latent-sharded ``select`` of fastsae/parallel chooses among every rank's latents).
     """
-    B, n = x_in.shape[0], W_enc.shape[1]
+    B = x_in.shape[0]
+    n = W_enc.shape[1] if n is None else n
     K = max(1, min(round(k * B), B * n))
     m = min(n, max(2 * math.ceil(k) + 8, math.ceil(K / max(B, 1))))
     top, idx, aux_top, aux_idx = select(x_in, W_enc, b_enc, m, **aux)

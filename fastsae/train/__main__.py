@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 
 from fastsae.cli import add_dataclass_arguments, dataclass_from_args
@@ -49,6 +50,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     if args.stop_after_steps is not None and args.stop_after_steps < 1:
         raise ValueError(f"--stop-after-steps {args.stop_after_steps} must be >= 1")
     if args.resume:
+        from fastsae.parallel.checkpoint import is_sharded, read_meta
         from fastsae.train.checkpoint import read_checkpoint
         from fastsae.train.run import resolve_resume
 
@@ -56,7 +58,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
             if value:
                 raise ValueError(f"{flag} cannot be combined with --resume: a resumed run keeps "
                                  "the config saved in its checkpoint")  # fmt: skip
-        meta, _ = read_checkpoint(resolve_resume(args.resume))
+        path = resolve_resume(args.resume)
+        meta = read_meta(path) if is_sharded(path) else read_checkpoint(path)[0]
         base = TrainConfig.from_dict(meta["config"])
     else:
         values: dict = dict(PRESETS[args.preset]) if args.preset else {}
@@ -80,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print(json.dumps(dataclasses.asdict(cfg), indent=2))
         return 0
+    from fastsae.parallel.mesh import PeerFailure
     from fastsae.train.run import run
     from fastsae.train.trainer import NonFiniteLossError
 
@@ -88,11 +92,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except (NonFiniteLossError, MemoryError, OSError) as e:
+    except (NonFiniteLossError, MemoryError, OSError, PeerFailure) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     if result["status"] == "interrupted":
         return 130
+    if int(os.environ.get("RANK", "0")) != 0:  # torchrun: rank 0 reports for every rank
+        return 0
     print(
         f"\nsaved SAE to {result['sae_dir']} (SAELens v6 format; loads with fastsae.load or "
         "sae_lens.SAE.load_from_disk)"

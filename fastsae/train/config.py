@@ -20,6 +20,9 @@ from fastsae.ops import BACKENDS
 
 __all__ = ["PRESETS", "TrainConfig", "default_lr", "load_config_file"]
 
+#: Values of ``TrainConfig.parallel`` (fastsae/parallel).
+PARALLEL_MODES = ("none", "dp", "latent", "dp,latent")
+
 #: Learning rate at 2^14 latents; the default scales as 1 / sqrt(d_sae / 2^14) (Gao et al. 2024).
 BASE_LR = 4e-4
 
@@ -151,6 +154,12 @@ class TrainConfig:
     """Log to Weights & Biases (only if the wandb package is installed)."""
     progress: bool = True
     """Show a tqdm progress bar."""
+    parallel: str = "none"
+    """Multi-process training under torchrun: none, dp (data parallel), latent (latents sharded
+    across ranks) or dp,latent (a 2-D mesh); see docs/distributed.md."""
+    latent_parallel: int = 0
+    """Ranks per latent group for parallel=dp,latent; 0: the largest divisor of the world size
+    that is <= its square root."""
 
     def __post_init__(self) -> None:
         if self.architecture not in ARCHITECTURES:
@@ -193,6 +202,12 @@ class TrainConfig:
                 "grad_clip needs every gradient at once; it cannot be combined with "
                 "optimizer_in_backward=True"
             )
+        if self.parallel not in PARALLEL_MODES:
+            raise ValueError(
+                f"parallel={self.parallel!r} is unknown; allowed: {', '.join(PARALLEL_MODES)}"
+            )
+        if self.latent_parallel < 0:
+            raise ValueError(f"latent_parallel={self.latent_parallel} must be >= 0")
         if self.d_in is not None and self.d_in < 1:
             raise ValueError(f"d_in={self.d_in} must be >= 1")
         self._check_ranges()

@@ -107,6 +107,10 @@ def run(
     ``stop_after_steps``: leave (with a checkpoint, status ``interrupted``) after that many steps
     in this session, e.g. to fit a time-sliced job; ``--resume`` continues exactly.
     """
+    if cfg.parallel != "none":  # torchrun: one process of a data/latent-parallel job
+        from fastsae.parallel.run import run_parallel
+
+        return run_parallel(cfg, resume=resume, stop_after_steps=stop_after_steps, log=log)
     from fastsae.train.data import open_data
 
     resume_path = resolve_resume(resume) if resume is not None else None

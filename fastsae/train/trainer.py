@@ -113,9 +113,7 @@ class Trainer:
             hook_name_out=hook_name_out,
             model_name=model_name,
         )
-        self.sae: SAE = SAE.from_config(sae_cfg)
-        self.sae.reset_parameters(torch.Generator().manual_seed(cfg.seed))
-        self.sae.to(self.device)
+        self.sae: SAE = self._build_sae(sae_cfg)
         self.optimizer_in_backward = bool(cfg.optimizer_in_backward)
         if cfg.optimizer_in_backward is None:
             from fastsae.train.memory import available_bytes, estimate
@@ -130,10 +128,17 @@ class Trainer:
         self.initialized = False
         self.in_scale = torch.ones((), dtype=torch.float64)
         self.out_scale = torch.ones((), dtype=torch.float64)
-        self.since_fired = torch.zeros(cfg.d_sae, dtype=torch.long, device=self.device)
-        self.fire_counts = torch.zeros(cfg.d_sae, dtype=torch.long, device=self.device)
+        # sae.d_sae: a latent-sharded trainer (fastsae/parallel) tracks its own slab only.
+        self.since_fired = torch.zeros(self.sae.d_sae, dtype=torch.long, device=self.device)
+        self.fire_counts = torch.zeros(self.sae.d_sae, dtype=torch.long, device=self.device)
         self.counted_tokens = 0
         self._last_time: float | None = None
+
+    def _build_sae(self, sae_cfg: SAEConfig) -> SAE:
+        """The SAE, seeded and on the device (fastsae/parallel overrides this to keep a slab)."""
+        sae = SAE.from_config(sae_cfg)
+        sae.reset_parameters(torch.Generator().manual_seed(self.cfg.seed))
+        return sae.to(self.device)
 
     def _build_optimizers(self) -> None:
         """One fused Adam over every parameter, or one per parameter stepped from a
@@ -200,6 +205,19 @@ class Trainer:
             return {"l0_coeff": cfg.l0_coeff * warm}
         return {"l1_coeff": cfg.l1_coeff * warm}
 
+    def _loss(self, x: Tensor, y: Tensor | None, dead_mask: Tensor | None):
+        """The step's loss (fastsae/parallel overrides this for latent-sharded SAEs)."""
+        return self.sae.loss(x, y, dead_mask=dead_mask, **self._coefficients())
+
+    def _reduce_gradients(self) -> None:
+        """Called after backward, before the decoder projection, clipping and Adam: the
+        data-parallel trainer (fastsae/parallel) all-reduces gradients here."""
+
+    def _clip_gradients(self, max_norm: float) -> float:
+        """Clip the global gradient norm to ``max_norm``; returns the norm before clipping
+        (fastsae/parallel overrides this to sum the norms of latent slabs)."""
+        return float(torch.nn.utils.clip_grad_norm_(self.sae.parameters(), max_norm))
+
     def lr_at(self, step: int) -> float:
         """Linear warm-up, constant, then linear decay to zero from ``decay_start``."""
         cfg = self.cfg
@@ -252,7 +270,7 @@ class Trainer:
         # profiling/profile_step.py's table.
         with nvtx.annotate("sae.forward+loss", color="green"):
             with ops.use_backend(cfg.backend), self._autocast():
-                result = sae.loss(x, y, dead_mask=dead_mask, **self._coefficients())
+                result = self._loss(x, y, dead_mask)
             loss_value = result.loss.item()
         if not math.isfinite(loss_value):
             raise NonFiniteLossError(self.step_count + 1, loss_value)
@@ -260,15 +278,14 @@ class Trainer:
             opt.zero_grad(set_to_none=True)
         with nvtx.annotate("sae.backward", color="red"), ops.use_backend(cfg.backend):
             result.loss.backward()  # with optimizer_in_backward, Adam steps happen in here
+        self._reduce_gradients()
         grad_norm = None
         if not self.optimizer_in_backward:
             with nvtx.annotate("optimizer", color="yellow"):
                 if cfg.decoder_normalized:
                     _remove_parallel_decoder_grad(sae)
                 if cfg.grad_clip is not None:
-                    grad_norm = float(
-                        torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
-                    )
+                    grad_norm = self._clip_gradients(cfg.grad_clip)
                 self.optimizers[0].step()
         with nvtx.annotate("bookkeeping", color="purple"):
             self._after_update(result.output)
