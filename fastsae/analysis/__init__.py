@@ -1,0 +1,29 @@
+"""Analysis with SAEs: splice them into a model, read and edit features, attribute, evaluate.
+
+- :mod:`fastsae.analysis.splice`: :class:`Splice`, a context manager over TransformerLens and
+  ``transformers`` models, with an optional error term.
+- :mod:`fastsae.analysis.intervene`: :class:`Ablate`, :class:`Scale`, :class:`Clamp`,
+  :class:`Patch` edits applied inside a splice.
+- :mod:`fastsae.analysis.codes`: sparse feature activations (:class:`SparseCodes`) via the fast
+  sparse encoders.
+"""
+
+from fastsae.analysis.codes import SparseCodes, dense_to_sparse, encode_codes
+from fastsae.analysis.intervene import Ablate, Clamp, Edit, Patch, Scale
+from fastsae.analysis.splice import Site, Splice, is_transformer_lens, model_output, sites
+
+__all__ = [
+    "Ablate",
+    "Clamp",
+    "Edit",
+    "Patch",
+    "Scale",
+    "Site",
+    "SparseCodes",
+    "Splice",
+    "dense_to_sparse",
+    "encode_codes",
+    "is_transformer_lens",
+    "model_output",
+    "sites",
+]
