@@ -57,14 +57,17 @@ class Site:
         return self.hook_in != self.hook_out
 
 
-def sites(saes: SAE | Sequence[SAE] | Mapping[Any, SAE]) -> list[Site]:
+def sites(saes: SAE | Sequence[SAE | Site] | Mapping[Any, SAE]) -> list[Site]:
     """Normalise ``saes``: one SAE or a list (hooks from ``sae.cfg.hook_name`` /
-    ``hook_name_out``), or a dict ``{hook: sae}`` / ``{(hook_in, hook_out): transcoder}``."""
-    if isinstance(saes, SAE):
+    ``hook_name_out``; :class:`Site` objects pass through), or a dict ``{hook: sae}`` /
+    ``{(hook_in, hook_out): transcoder}``."""
+    if isinstance(saes, (SAE, Site)):
         saes = [saes]
     items = list(saes.items()) if isinstance(saes, Mapping) else [(None, s) for s in saes]
     out = []
     for key, sae in items:
+        if isinstance(sae, Site):
+            key, sae = (sae.hook_in, sae.hook_out), sae.sae
         if not isinstance(sae, SAE):
             raise TypeError(f"expected a fastsae SAE, got {type(sae).__name__}")
         if key is None:
