@@ -6,8 +6,12 @@
   :class:`Patch` edits applied inside a splice.
 - :mod:`fastsae.analysis.codes`: sparse feature activations (:class:`SparseCodes`) via the fast
   sparse encoders.
+- :mod:`fastsae.analysis.attribute`: gradient × activation attribution to a metric and between
+  two spliced SAEs.
+- :mod:`fastsae.analysis.metrics`: CE-loss / KL scores and SAEBench core metrics.
 """
 
+from fastsae.analysis.attribute import attribute, feature_to_feature, logit_diff, totals
 from fastsae.analysis.codes import SparseCodes, dense_to_sparse, encode_codes
 from fastsae.analysis.intervene import Ablate, Clamp, Edit, Patch, Scale
 from fastsae.analysis.splice import Site, Splice, is_transformer_lens, model_output, sites
@@ -21,6 +25,10 @@ __all__ = [
     "Site",
     "SparseCodes",
     "Splice",
+    "attribute",
+    "feature_to_feature",
+    "logit_diff",
+    "totals",
     "dense_to_sparse",
     "encode_codes",
     "is_transformer_lens",
