@@ -131,5 +131,7 @@ def test_cli_builds_a_site(tmp_path):
     assert index.exists() and len(list((tmp_path / "site" / "features").glob("*.html"))) == 3
     summary = json.loads((tmp_path / "site" / "data" / "summary.json").read_text())
     assert summary["tokens"] == 200 and summary["hook"] == HOOK
+    (batch,) = (tmp_path / "site" / "neuronpedia").glob("*/1-res-fastsae/features/batch-0.jsonl.gz")
+    assert batch.stat().st_size > 0
     with pytest.raises(SystemExit):
         main([str(tmp_path / "sae"), "--tokens", "0"])
