@@ -126,6 +126,8 @@ def test_cli_builds_a_site(tmp_path):
             "false",
             "--max-pages",
             "3",
+            "--neuronpedia",
+            "true",
         ]
     )
     assert index.exists() and len(list((tmp_path / "site" / "features").glob("*.html"))) == 3
