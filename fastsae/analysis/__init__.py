@@ -14,7 +14,21 @@
 from fastsae.analysis.attribute import attribute, feature_to_feature, logit_diff, totals
 from fastsae.analysis.codes import SparseCodes, dense_to_sparse, encode_codes
 from fastsae.analysis.intervene import Ablate, Clamp, Edit, Patch, Scale
-from fastsae.analysis.splice import Site, Splice, is_transformer_lens, model_output, sites
+from fastsae.analysis.metrics import (
+    core_metrics,
+    downstream_scores,
+    model_core_metrics,
+    special_token_ids,
+    weight_metrics,
+)
+from fastsae.analysis.splice import (
+    Site,
+    Splice,
+    is_transformer_lens,
+    model_output,
+    read_features,
+    sites,
+)
 
 __all__ = [
     "Ablate",
@@ -26,6 +40,11 @@ __all__ = [
     "SparseCodes",
     "Splice",
     "attribute",
+    "core_metrics",
+    "downstream_scores",
+    "model_core_metrics",
+    "special_token_ids",
+    "weight_metrics",
     "feature_to_feature",
     "logit_diff",
     "totals",
@@ -33,5 +52,6 @@ __all__ = [
     "encode_codes",
     "is_transformer_lens",
     "model_output",
+    "read_features",
     "sites",
 ]

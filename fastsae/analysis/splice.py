@@ -36,7 +36,15 @@ from fastsae.analysis.intervene import Edit
 from fastsae.data.sources import unknown_hook_error
 from fastsae.sae import SAE
 
-__all__ = ["Site", "Splice", "is_transformer_lens", "model_output", "resolve_hook", "sites"]
+__all__ = [
+    "Site",
+    "Splice",
+    "is_transformer_lens",
+    "model_output",
+    "read_features",
+    "resolve_hook",
+    "sites",
+]
 
 
 @dataclass
@@ -268,3 +276,17 @@ class Splice:
         if self.where is not None:
             out = torch.where(self.where.to(out.device).unsqueeze(-1), out, a3)
         return out.reshape(act.shape)
+
+
+@torch.no_grad()
+def read_features(
+    model: nn.Module,
+    saes: SAE | Sequence[SAE] | Mapping[Any, SAE],
+    tokens: Tensor,
+    attention_mask: Tensor | None = None,
+) -> dict[str, SparseCodes]:
+    """Feature activations ``{site name: SparseCodes [b, s, w]}`` of ``saes`` on ``tokens [b, s]``
+    (one forward pass; the model's output is unchanged, each SAE sees the clean activation)."""
+    with Splice(model, saes) as sp:
+        model_output(model, tokens, attention_mask)
+    return dict(sp.codes)

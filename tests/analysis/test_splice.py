@@ -6,7 +6,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fastsae.analysis import Ablate, Clamp, Patch, Scale, Splice, encode_codes, model_output
+from fastsae.analysis import (
+    Ablate,
+    Clamp,
+    Patch,
+    Scale,
+    Splice,
+    encode_codes,
+    model_output,
+    read_features,
+)
 from tests.analysis.conftest import HOOK, random_sae
 
 NEXT = "blocks.2.hook_resid_pre"  # equals blocks.1.hook_resid_post: sees the spliced activation
@@ -184,3 +193,12 @@ def test_bad_inputs_fail_with_one_clear_error(demo_model, demo_tokens):
     with pytest.raises(ValueError, match="positions"), Splice(demo_model, sae) as sp:
         sp.edit(HOOK, Ablate([1], positions=[99]))
         model_output(demo_model, demo_tokens)
+
+
+def test_read_features_are_the_codes_of_the_clean_activations(demo_model, demo_tokens):
+    saes = [random_sae(), random_sae("jumprelu", hook="blocks.0.hook_resid_post")]
+    got = read_features(demo_model, saes, demo_tokens)
+    _, cache = demo_model.run_with_cache(demo_tokens)
+    for sae in saes:
+        hook = sae.cfg.hook_name
+        torch.testing.assert_close(got[hook].dense(sae.d_sae), sae.encode(cache[hook]))
