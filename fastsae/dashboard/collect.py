@@ -36,6 +36,9 @@ BINS_PER_OCTAVE = 4
 LOW_OCTAVE = -12
 HIGH_OCTAVE = 12
 N_BINS = (HIGH_OCTAVE - LOW_OCTAVE) * BINS_PER_OCTAVE
+#: Events whose context windows are gathered at once: bounds the temporary [chunk, window, w]
+#: tensors (4096 x 33 x 32 int64 indices = 35 MB) however many slots a batch fills.
+WINDOW_CHUNK = 4096
 
 
 def bin_edges() -> Tensor:
@@ -187,9 +190,16 @@ class FeatureCollector:
         state.value[fill_f, fill_slot] = v[e]
         seq_base = self.sequences_seen
         state.where[fill_f, fill_slot] = (seq_base + bi[e]) * self.seq_len + si[e]
-        win_tokens, win_acts = self._windows(tokens, values, indices, bi[e], si[e], f[e])
-        state.tokens[fill_f, fill_slot] = win_tokens
-        state.acts[fill_f, fill_slot] = win_acts
+        # in chunks: a window gathers [E, window, w] indices, and E is large in the first batches
+        for c in range(0, e.numel(), WINDOW_CHUNK):
+            ec, fc, sc = (
+                e[c : c + WINDOW_CHUNK],
+                fill_f[c : c + WINDOW_CHUNK],
+                fill_slot[c : c + WINDOW_CHUNK],
+            )
+            win_tokens, win_acts = self._windows(tokens, values, indices, bi[ec], si[ec], f[ec])
+            state.tokens[fc, sc] = win_tokens
+            state.acts[fc, sc] = win_acts
 
     def _windows(self, tokens, values, indices, bi, si, f) -> tuple[Tensor, Tensor]:
         """``[E, window]`` token ids (-1 outside the sequence) and feature-``f`` activations."""
