@@ -181,21 +181,25 @@ def nearest_features(sae: SAE, n: int, chunk: int = 2048) -> tuple[Tensor, Tenso
 
 def _events(state, f: int, left: int, by_value: bool = False) -> list[dict[str, Any]]:
     """The kept events of feature ``f``; ``center`` is the firing token's index in ``tokens``."""
-    keep = state.key[f] > -torch.inf
-    idx = keep.nonzero().flatten()
+    idx = (state.key[f] > -torch.inf).nonzero().flatten()
     if by_value:
-        idx = idx[torch.argsort(state.value[f, idx], descending=True)]
+        idx = idx[torch.argsort(state.value[f, idx], descending=True, stable=True)]
+    # one conversion per feature (tensor element access from Python is slow); 5 decimals
+    tokens = state.tokens[f, idx].tolist()
+    acts = state.acts[f, idx].double().mul(1e5).round().div(1e5).tolist()
+    values = state.value[f, idx].tolist()
+    where = state.where[f, idx].tolist()
     events = []
-    for i in idx.tolist():
-        tok = state.tokens[f, i]
-        inside = tok >= 0
+    for tok, act, value, w in zip(tokens, acts, values, where, strict=True):
+        first = next(i for i, t in enumerate(tok) if t >= 0)
+        last = len(tok) - next(i for i, t in enumerate(reversed(tok)) if t >= 0)
         events.append(
             {
-                "where": int(state.where[f, i]),
-                "value": float(state.value[f, i]),
-                "tokens": tok[inside].tolist(),
-                "acts": [round(float(a), 5) for a in state.acts[f, i][inside]],
-                "center": int(inside[:left].sum()),
+                "where": w,
+                "value": value,
+                "tokens": tok[first:last],
+                "acts": act[first:last],
+                "center": left - first,
             }
         )
     return events

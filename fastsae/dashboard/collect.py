@@ -36,9 +36,9 @@ BINS_PER_OCTAVE = 4
 LOW_OCTAVE = -12
 HIGH_OCTAVE = 12
 N_BINS = (HIGH_OCTAVE - LOW_OCTAVE) * BINS_PER_OCTAVE
-#: Events whose context windows are gathered at once: bounds the temporary [chunk, window, w]
-#: tensors (4096 x 33 x 32 int64 indices = 35 MB) however many slots a batch fills.
-WINDOW_CHUNK = 4096
+#: Events whose context windows are looked up at once: bounds the temporary [chunk, window]
+#: tensors however many slots a batch fills.
+WINDOW_CHUNK = 16384
 
 
 def bin_edges() -> Tensor:
@@ -145,7 +145,12 @@ class FeatureCollector:
         self.count += torch.bincount(f, minlength=self.d_sae)
         self.total.index_add_(0, f, v.double())
         self.hist.view(-1).index_add_(0, f * N_BINS + _bin(v), torch.ones_like(f))
-        ctx = (tokens, values, indices, bi, si, f)
+        # every firing event of the batch keyed by (row, position, feature), sorted: a context
+        # window's activations are then looked up with one searchsorted
+        flat_key = (bi * s + si) * self.d_sae + f
+        flat_key, order = torch.sort(flat_key)
+        lookup = (flat_key, v[order])
+        ctx = (tokens, lookup, bi, si, f)
         self._merge(self.top, v, v, ctx)
         u = torch.rand(v.shape, generator=self._gen, device=dev)
         self._merge(self.samples, -u, v, ctx)
@@ -153,7 +158,7 @@ class FeatureCollector:
         self.sequences_seen += b
 
     def _merge(self, state: Bounded, key: Tensor, v: Tensor, ctx) -> None:
-        tokens, values, indices, bi, si, f = ctx
+        tokens, lookup, bi, si, f = ctx
         size = state.key.shape[1]
         # rank the batch's events within each feature by key, keep the best `size` of each
         order = torch.argsort(key, descending=True, stable=True)
@@ -197,20 +202,24 @@ class FeatureCollector:
                 fill_f[c : c + WINDOW_CHUNK],
                 fill_slot[c : c + WINDOW_CHUNK],
             )
-            win_tokens, win_acts = self._windows(tokens, values, indices, bi[ec], si[ec], f[ec])
+            win_tokens, win_acts = self._windows(tokens, lookup, bi[ec], si[ec], f[ec])
             state.tokens[fc, sc] = win_tokens
             state.acts[fc, sc] = win_acts
 
-    def _windows(self, tokens, values, indices, bi, si, f) -> tuple[Tensor, Tensor]:
+    def _windows(self, tokens, lookup, bi, si, f) -> tuple[Tensor, Tensor]:
         """``[E, window]`` token ids (-1 outside the sequence) and feature-``f`` activations."""
+        keys, vals = lookup
+        s = tokens.shape[1]
         offs = torch.arange(-self.left, self.right + 1, device=tokens.device)
         pos = si.unsqueeze(1) + offs  # [E, W]
-        inside = (pos >= 0) & (pos < tokens.shape[1])
-        pc = pos.clamp(0, tokens.shape[1] - 1)
+        inside = (pos >= 0) & (pos < s)
+        pc = pos.clamp(0, s - 1)
         rows = bi.unsqueeze(1).expand_as(pc)
         win_tokens = torch.where(inside, tokens[rows, pc], -1).int()
-        hit = indices[rows, pc] == f.view(-1, 1, 1)  # [E, W, w]
-        win_acts = (values[rows, pc] * hit).sum(-1) * inside
+        query = (rows * s + pc) * self.d_sae + f.unsqueeze(1)
+        at = torch.searchsorted(keys, query).clamp_(max=max(keys.numel() - 1, 0))
+        hit = (keys[at] == query) & inside
+        win_acts = torch.where(hit, vals[at], 0.0)
         return win_tokens, win_acts
 
     # -- results ---------------------------------------------------------------------------------
