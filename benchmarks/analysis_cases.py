@@ -88,3 +88,58 @@ def dashboard_generation(suite: str, tokens: int | None = None) -> Case:
         teardown=lambda: shutil.rmtree(out, ignore_errors=True),
         **common,
     )
+
+
+def _vm_hwm_mb() -> float:
+    """This process's resident-set high-water mark (``VmHWM``), MB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """``python -m benchmarks.analysis_cases --tokens N``: one full-size dashboard build in a
+    fresh process (no harness repeats, for N too large to time several times), appended to
+    ``benchmarks/results/dashboard-<device>.json``: seconds, tokens/s, and the process's peak RSS
+    before and after the build."""
+    import argparse
+    import json
+    import time
+
+    from benchmarks.harness import environment
+
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.analysis_cases")
+    parser.add_argument("--tokens", type=int, default=1_000_000)
+    parser.add_argument("--suite", default="full", choices=sorted(SIZES))
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    case = dashboard_generation(args.suite, args.tokens)
+    before = _vm_hwm_mb()
+    start = time.perf_counter()
+    case.providers["fastsae-dashboard"]()
+    seconds = time.perf_counter() - start
+    result = {
+        "case": "dashboard_generation",
+        "provider": "fastsae-dashboard",
+        "shapes": case.shapes,
+        "seconds": seconds,
+        "tokens_per_s": args.tokens / seconds,
+        "peak_rss_mb_before_build": before,
+        "peak_rss_mb": _vm_hwm_mb(),
+        "notes": case.notes + "; one build, fresh process (model, corpus and SAE loaded before)",
+    }
+    if case.teardown:
+        case.teardown()
+    env = environment()
+    out = args.out or Path(__file__).parent / "results" / f"dashboard-{env['device']}.json"
+    runs = json.loads(out.read_text())["runs"] if out.exists() else []
+    out.write_text(
+        json.dumps({"runs": [*runs, {"environment": env, "results": [result]}]}, indent=2) + "\n"
+    )
+    print(json.dumps(result, indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    main()
