@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from benchmarks import pipeline
+from benchmarks import analysis_cases, pipeline
 from benchmarks.harness import Case
 from benchmarks.steps import trainer_step
 from fastsae import ops
@@ -259,7 +259,13 @@ def demo_training_run(B: int, d: int, n: int, k: int) -> Case:
     return pipeline.demo_training_run(suite="full" if B >= 4096 else "smoke")
 
 
-Builder = Callable[[int, int, int, int], Case]
+def dashboard_generation(B: int, d: int, n: int, k: int, tokens: int | None = None) -> Case:
+    """Hook point: feature-dashboard generation on the embedded model (see
+    :mod:`benchmarks.analysis_cases`); ``tokens`` is N."""
+    return analysis_cases.dashboard_generation("full" if B >= 4096 else "smoke", tokens)
+
+
+Builder = Callable[..., Case]
 REGISTRY: dict[str, Builder] = {
     "sparse_decode_fwd_bwd": sparse_decode_fwd_bwd,
     "encoder_backward": encoder_backward,
@@ -269,6 +275,7 @@ REGISTRY: dict[str, Builder] = {
     "trainer_step": trainer_step,
     "shuffler_throughput": shuffler_throughput,
     "demo_training_run": demo_training_run,
+    "dashboard_generation": dashboard_generation,
 }
 
 
@@ -284,6 +291,8 @@ def plan(
             continue
         if name == "encode_topk_fwd" and suite == "full" and not override:
             out += [(name, {**size, "n": n}) for n in (16384, 65536)]
+        elif name == "dashboard_generation" and suite == "full" and not override:
+            out += [(name, {**size, "tokens": t}) for t in (100_000, 1_000_000)]
         else:
             out.append((name, dict(size)))
     return out

@@ -6,24 +6,13 @@ The Chromium test is skipped only where no Chromium binary is installed (CI inst
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 
 import pytest
 
 from benchmarks import dashboard
 from tests.benchmarks.rows import run
-
-CHROMIUM_FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
+from tests.chromium import require_chromium
 
 
 def _results():
@@ -87,19 +76,8 @@ def test_summary_rows_pick_the_fastest_fastsae_provider():
     assert [(n, t) for n, t, _ in summary["others"]] == [("sparsify", 3.0)]
 
 
-def _chromium() -> str | None:
-    for name in ("chromium", "chromium-browser", "google-chrome", "chrome"):
-        path = shutil.which(name)
-        if path:
-            return path
-    return None
-
-
 def test_page_renders_in_headless_chromium(page, tmp_path):
-    binary = _chromium()
-    if binary is None:
-        pytest.skip("chromium is not installed (apt-get install -y chromium)")
-    flags = [binary, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}"]
+    flags = [*require_chromium(), f"--user-data-dir={tmp_path / 'profile'}"]
     url = page.resolve().as_uri()
     dom = subprocess.run(
         [*flags, "--virtual-time-budget=5000", "--dump-dom", url],
