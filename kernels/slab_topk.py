@@ -254,9 +254,7 @@ def _splits(row_blocks: int, n_slab: int, block_n: int, splits: int | None) -> t
     multiple of ``block_n``."""
     tiles = triton.cdiv(n_slab, block_n)
     if splits is None:
-        splits = min(
-            triton.cdiv(TARGET_PROGRAMS, max(row_blocks, 1)), tiles // MIN_TILES_PER_SPLIT
-        )
+        splits = min(triton.cdiv(TARGET_PROGRAMS, max(row_blocks, 1)), tiles // MIN_TILES_PER_SPLIT)
     splits = max(1, min(splits, tiles, MAX_GRID_Y))
     per_split = triton.cdiv(tiles, splits)
     return triton.cdiv(tiles, per_split), per_split * block_n
@@ -313,7 +311,7 @@ def _fwd_plan(
     """``(kernel, grid, kwargs)`` folding ``slab [B, n_slab]`` (latents ``col0 ..``) into
     ``state [B, C, KP]``. ``dead`` is the dead mask as uint8 for the AuxK pass, or None."""
     B, n_slab = slab.shape
-    C, KP = state.shape[1], state.shape[2]
+    n_splits, kp = state.shape[1], state.shape[2]
     fp64 = torch.float64 in (slab.dtype, None if threshold is None else threshold.dtype)
     kwargs = dict(
         slab_ptr=slab,
@@ -325,13 +323,13 @@ def _fwd_plan(
         n_slab=n_slab,
         col0=col0,
         cols_per_split=cols_per_split,
-        C=C,
+        C=n_splits,
         stride_sb=slab.stride(0),
         stride_sn=slab.stride(1),
         stride_thr=1 if threshold is None else threshold.stride(0),
         stride_dead=1 if dead is None else dead.stride(0),
-        KP=KP,
-        SORT_ABOVE=SORT_ABOVE[KP] if KP <= blocks.block_n else KP,
+        KP=kp,
+        SORT_ABOVE=SORT_ABOVE[kp] if kp <= blocks.block_n else kp,
         HAS_THRESHOLD=threshold is not None,
         DEAD_ONLY=dead is not None,
         FIRST=first,
@@ -340,7 +338,7 @@ def _fwd_plan(
         BLOCK_N=blocks.block_n,
         num_warps=blocks.num_warps,
     )
-    return _slab_topk_fwd_kernel, (triton.cdiv(B, blocks.block_m), C), kwargs
+    return _slab_topk_fwd_kernel, (triton.cdiv(B, blocks.block_m), n_splits), kwargs
 
 
 def _decode(keys: Tensor, n: int) -> tuple[Tensor, Tensor]:
