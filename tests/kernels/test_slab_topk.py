@@ -234,6 +234,7 @@ def test_nan_scores_rank_first_and_never_masked():
     assert top[0, 0].isnan() and top[1, 0].isnan() and top[1, 1] == float("inf")
 
 
+@pytest.mark.slow
 def test_large_k_default_blocks(seed):
     """k = 1000 (not a power of two) with the launcher's own blocks (BLOCK_N = KP = 1024,
     BLOCK_M = 2): the first tile takes the sorted merge, the second gated rounds."""
