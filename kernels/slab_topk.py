@@ -73,12 +73,14 @@ MAX_K = 2048
 # KP so that the sorted merge (tl.topk(tile, KP)) is always available.
 MIN_BLOCK_N = 128
 # Rows per program: the largest power of two <= MAX_BLOCK_M with BLOCK_M * (BLOCK_N + KP) <=
-# KEY_BUDGET keys. 4096 int64 keys over 128 threads are 64 registers per thread.
+# KEY_BUDGET keys (at least one row). ptxas -v, sm_90, fp32, 8 warps: 16 x 128 tiles with
+# KP=32 (2560 keys) take 79 registers and no spills; KP=64 at 16 rows (3072 keys) spilled 16 B
+# at 64 registers, at 8 rows none.
 MAX_BLOCK_M = 16
-KEY_BUDGET = 4096
-# 4 warps: a 16 x 128 tile is 16 elements per thread; the kernel is a streaming read, so more
-# programs per SM (occupancy) is what hides the load latency.
-NUM_WARPS = 4
+KEY_BUDGET = 2560
+# 8 warps: at 4 warps ptxas held 16 x 128 tiles to 128 registers and spilled 20-40 B (KP 32,
+# 64); 8 warps spread the same tile over twice the threads.
+NUM_WARPS = 8
 # Gated rounds above which a tile takes the sorted merge. Extrapolated from the SASS counts of
 # the fused kernel (kernels/encode_topk.py: one sort step costs ~9-13 replace-min rounds at
 # KP 16-64, ~70 at KP=512); KP <= 8 never sorts (r <= KP rounds are cheaper).

@@ -342,7 +342,8 @@ def test_blocks_fit_the_key_budget():
     for kp in [1, 8, 32, 64, 128, 512, 1024, 2048]:
         blocks = sk.blocks_for(kp)
         assert blocks.block_n >= kp and blocks.block_m >= 1
-        assert blocks.block_m * (blocks.block_n + kp) <= sk.KEY_BUDGET
+        keys = blocks.block_m * (blocks.block_n + kp)
+        assert keys <= sk.KEY_BUDGET or blocks.block_m == 1
 
 
 def test_custom_op_fake_shapes():
