@@ -72,12 +72,13 @@ MAX_K = 2048
 # Tile width: at least 128 columns (256 B of bf16 per row: two full 128-B lines), and at least
 # KP so that the sorted merge (tl.topk(tile, KP)) is always available.
 MIN_BLOCK_N = 128
-# Rows per program: the largest power of two <= MAX_BLOCK_M with BLOCK_M * (BLOCK_N + KP) <=
-# KEY_BUDGET keys (at least one row). ptxas -v, sm_90, fp32, 8 warps: 16 x 128 tiles with
-# KP=32 (2560 keys) take 79 registers and no spills; KP=64 at 16 rows (3072 keys) spilled 16 B
-# at 64 registers, at 8 rows none.
-MAX_BLOCK_M = 16
-KEY_BUDGET = 2560
+# Rows per program, by KP: the state (BLOCK_M x KP keys) and the tile (BLOCK_M x BLOCK_N) live
+# in registers. From ptxas -v, sm_90, 8 warps (fp32 and bf16 alike): 16 x 128 tiles at KP=32
+# take 80 registers, no spills; KP=64 at 16 rows spilled 16 B at 64 registers, at 8 rows none;
+# KP=1024 at 1 row spilled 4 B, at 2 rows none (116 registers); KP=2048 takes 1 row (124).
+# KP 256 and 512 halve the rows per doubling (same keys per program as KP=128).
+ROWS_PER_PROGRAM = {1: 16, 2: 16, 4: 16, 8: 16, 16: 16, 32: 16, 64: 8, 128: 8, 256: 4, 512: 2}
+ROWS_PER_PROGRAM.update({1024: 2, 2048: 1})
 # 8 warps: at 4 warps ptxas held 16 x 128 tiles to 128 registers and spilled 20-40 B (KP 32,
 # 64); 8 warps spread the same tile over twice the threads.
 NUM_WARPS = 8
@@ -244,11 +245,7 @@ class Blocks(NamedTuple):
 
 def blocks_for(kp: int) -> Blocks:
     """Blocks for a state of ``kp`` keys per row."""
-    block_n = max(MIN_BLOCK_N, kp)
-    block_m = MAX_BLOCK_M
-    while block_m > 1 and block_m * (block_n + kp) > KEY_BUDGET:
-        block_m //= 2
-    return Blocks(block_m, block_n, NUM_WARPS)
+    return Blocks(ROWS_PER_PROGRAM[kp], max(MIN_BLOCK_N, kp), NUM_WARPS)
 
 
 def _splits(row_blocks: int, n_slab: int, block_n: int, splits: int | None) -> tuple[int, int]:
@@ -450,6 +447,8 @@ _AOT_CASES = (
     ("k=32 first slab", 32, False, False, True),
     ("k=64", 64, False, False, False),
     ("k=128", 128, False, False, False),
+    ("k=256", 256, False, False, False),
+    ("k=512", 512, False, False, False),
     ("k=1024", 1024, False, False, False),
     ("k=2048", 2048, False, False, False),
     ("k=32 threshold", 32, True, False, False),
