@@ -351,7 +351,7 @@ def _decode(keys: Tensor, n: int) -> tuple[Tensor, Tensor]:
 def _merge(state: Tensor, k: int, n: int) -> tuple[Tensor, Tensor]:
     """Top ``k`` of the ``C * KP`` keys of each row, sorted descending, decoded. Keys are unique
     within a split and ordered by the tie rule, so the merge keeps the rule exactly."""
-    keys = state.reshape(state.shape[0], -1)
+    keys = state.reshape(state.shape[0], state.shape[1] * state.shape[2])
     return _decode(torch.topk(keys, k, dim=1, sorted=True).values, n)
 
 

@@ -353,3 +353,12 @@ def test_custom_op_fake_shapes():
             fx, fW, fb, 5, None, None, 2, None, None, None
         )
     assert top.shape == (4, 5) and idx.dtype == torch.int64 and aux_idx.shape == (4, 2)
+
+
+def test_custom_op_passes_opcheck():
+    """Schema, fake impl and torch.compile tracing of ``fastsae::slab_select_topk``."""
+    x, W, b = _problem(3, 2, 20)
+    dead = torch.zeros(20, dtype=torch.bool, device=DEVICE)
+    dead[::4] = True
+    args = (x, W, b, 3, None, dead, 2, 8, None, [2, 16, sk.NUM_WARPS])
+    torch.library.opcheck(sk._slab_select_topk_op, args)
