@@ -1,7 +1,8 @@
 """The ``triton`` backend: the Triton kernels of :mod:`fastsae.kernels`.
 
 The ops below (sparse decode, the sparse encoder backward, and the TopK / BatchTopK / JumpReLU
-encoders built on the fused encode + top-k kernel) are defined here; every other op falls back
+encoders built on the fused encode + top-k kernel or on slab + select, by the encode strategy of
+:mod:`fastsae.ops._encode_strategy`) are defined here; every other op falls back
 to :mod:`fastsae.ops._torch`, then :mod:`fastsae.ops._reference` (see :func:`fastsae.ops.implementation_of`). The kernels run on
 CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1`` (set before Triton is imported).
 """

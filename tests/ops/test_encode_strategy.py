@@ -255,3 +255,14 @@ def test_slab_strategy_falls_back_to_torch_above_max_k(monkeypatch):
     top, idx, _, _ = _triton._select_slab(x, W, bias, 9)
     _, want = ref.topk(ref.pre_activations(x, W, bias), 9)
     assert torch.equal(idx, want)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU-only resolution")
+def test_cpu_without_the_interpreter_runs_the_torch_path_untimed(monkeypatch):
+    """On CPU without TRITON_INTERPRET, auto resolves to the torch backend, whose encoders call
+    the torch selection directly: there is nothing to measure."""
+    from fastsae.ops import _torch
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    name, fn = ops.implementation_of("encode_topk")
+    assert name == "torch" and fn is _torch.encode_topk
