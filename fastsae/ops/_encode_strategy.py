@@ -21,7 +21,8 @@ logger, and reuses the winner for every later call with that key. An implementat
 while being timed is excluded, with a log line. Eligible: all three under ``backend="auto"``;
 ``fused`` and ``slab`` under ``backend="triton"`` (the user asked for Triton). Where nothing is
 timed (CPU tensors under ``TRITON_INTERPRET=1``, CUDA graph capture, ``torch.compile`` tracing,
-a key not yet measured) the first eligible one in ``DEFAULT_ORDER`` runs.
+a key not yet measured) the first eligible one in ``DEFAULT_ORDER`` runs; one that refuses the
+arguments (``ValueError``, e.g. ``k`` above its ``MAX_K``) hands the call to the next.
 """
 
 from __future__ import annotations
@@ -162,8 +163,18 @@ class AutoSelect:
         winner = self.winners.get(key)
         if winner is None and len(key.candidates) > 1 and self.measure_on(x_in.device):
             return self._measure(key, x_in, W_enc, b_enc, k, kwargs)
-        name = winner or key.candidates[0]
-        return self.candidates[name](x_in, W_enc, b_enc, k, **kwargs)
+        names = (winner,) if winner else key.candidates
+        for i, name in enumerate(names):
+            try:
+                return self.candidates[name](x_in, W_enc, b_enc, k, **kwargs)
+            except ValueError as e:
+                # An argument the implementation refuses before any launch (e.g. k above its
+                # MAX_K): the next one in DEFAULT_ORDER takes the call instead of crashing it.
+                if i == len(names) - 1:
+                    raise
+                logger.info("fastsae encode: %s refused %s (%s); trying %s", name, _fmt(key), e,
+                            names[i + 1])  # fmt: skip
+        raise AssertionError("unreachable")
 
     def _measure(self, key: SelectionKey, x_in, W_enc, b_enc, k, kwargs):
         """Time every candidate of ``key``; cache and log the fastest; return its result."""

@@ -266,3 +266,15 @@ def test_cpu_without_the_interpreter_runs_the_torch_path_untimed(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     name, fn = ops.implementation_of("encode_topk")
     assert name == "torch" and fn is _torch.encode_topk
+
+
+def test_untimed_call_falls_through_a_refusing_candidate(caplog):
+    """Without measurement, an implementation that refuses the arguments (ValueError before any
+    launch, e.g. k above the fused kernel's MAX_K) hands the call to the next one."""
+    auto, cands = _auto(measure=False, errors={"fused": ValueError("k=600 must be <= 512")})
+    with caplog.at_level(logging.INFO, logger="fastsae.ops"):
+        assert auto(*_args(), 5) == "slab"
+    assert any("fused refused" in r.getMessage() for r in caplog.records)
+    auto, _ = _auto(measure=False, errors={n: ValueError("no") for n in es.DEFAULT_ORDER})
+    with pytest.raises(ValueError, match="no"):
+        auto(*_args(), 5)
