@@ -195,6 +195,65 @@ def encode_topk_fwd(B: int, d: int, n: int, k: int) -> Case:
     )
 
 
+ENCODE_STRATEGIES = ("fused", "slab", "torch")
+
+
+def encode_topk_strategies_fwd(B: int, d: int, n: int, k: int) -> Case:
+    """The triton backend's encode strategies side by side (inference, no grad): the fused
+    encode + top-k kernel, slab + select (cuBLAS into slabs + a streaming Triton top-k), torch
+    (cuBLAS + ``torch.topk``), and ``auto`` (measured once, then the winner), against ``addmm`` +
+    ``torch.topk`` and the ``addmm`` floor. bf16 on a GPU, as in training. Without a GPU only the
+    torch backend runs; the Triton strategies are recorded as skipped."""
+    device = _device()
+    x, W_enc, b_enc = _encoder_inputs(B, d, n, seed=3)
+    if device == "cuda":
+        x, W_enc, b_enc = x.bfloat16(), W_enc.bfloat16(), b_enc.bfloat16()
+
+    def strategy(name: str, backend: str = "triton"):
+        def run():
+            with torch.no_grad(), ops.use_backend(backend), ops.use_encode_strategy(name):
+                ops.encode_topk(x, W_enc, b_enc, k)
+
+        return run
+
+    backends, skipped = _backends()
+    if "triton" in backends:
+        providers = {f"fastsae-{name}": strategy(name) for name in ENCODE_STRATEGIES}
+        providers["fastsae-auto"] = strategy("auto", backend="auto")
+        skipped = {}
+    else:
+        reason = skipped["fastsae-triton"]
+        skipped = {f"fastsae-{name}": reason for name in ("fused", "slab", "auto")}
+        providers = {"fastsae-torch": strategy("torch", backend="torch")}
+
+    def addmm_topk():
+        with torch.no_grad():
+            torch.topk(torch.addmm(b_enc, x, W_enc), k, dim=-1)
+
+    providers["addmm+topk"] = addmm_topk
+    providers["addmm-floor"] = lambda: torch.addmm(b_enc, x, W_enc)
+    s = x.element_size()
+    return Case(
+        name="encode_topk_strategies_fwd",
+        mode="fwd",
+        shapes={"B": B, "d": d, "n": n, "k": k},
+        providers=providers,
+        skipped=skipped,
+        flops=2 * B * d * n,
+        # read x and W_enc, write B*k values and indices; slab and torch also write and read
+        # the [B, n] scores once per slab (provider_cost)
+        bytes=s * (B * d + d * n) + 12 * B * k,
+        provider_cost={
+            p: (2 * B * d * n, s * (B * d + d * n + 2 * B * n) + 12 * B * k)
+            for p in ("fastsae-slab", "fastsae-torch")
+            if p in providers
+        },
+        baseline="addmm-floor",
+        items=B,
+        repeats=3 if B * n >= HEAVY_ELEMENTS else None,
+    )
+
+
 def encode_batch_topk_fwd(B: int, d: int, n: int, k: int) -> Case:
     """BatchTopK encode (keep the k*B largest of the batch; inference, no grad) against the dense
     oracle (pre-activations + :func:`fastsae.reference.batch_topk`, a stable sort of all B*n
@@ -270,6 +329,7 @@ REGISTRY: dict[str, Builder] = {
     "sparse_decode_fwd_bwd": sparse_decode_fwd_bwd,
     "encoder_backward": encoder_backward,
     "encode_topk_fwd": encode_topk_fwd,
+    "encode_topk_strategies_fwd": encode_topk_strategies_fwd,
     "encode_batch_topk_fwd": encode_batch_topk_fwd,
     "encode_jumprelu_fwd": encode_jumprelu_fwd,
     "trainer_step": trainer_step,

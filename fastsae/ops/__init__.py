@@ -11,7 +11,8 @@ Backends
     The Triton kernels in :mod:`fastsae.kernels` (CUDA, or CPU tensors under ``TRITON_INTERPRET=1``).
 ``auto``
     ``triton`` when Triton is importable and either CUDA is available or ``TRITON_INTERPRET=1`` is
-    set explicitly; ``torch`` otherwise.
+    set explicitly; ``torch`` otherwise. On CUDA the encoders' top-k selection is then chosen by
+    measurement among the fused kernel, slab + select and torch (see below).
 
 A backend may implement only some ops; a missing op falls back along ``triton -> torch ->
 reference``, so every op always has an implementation and the fallback is visible through
@@ -22,6 +23,15 @@ wins, the context manager :func:`use_backend`::
 
     with fastsae.ops.use_backend("reference"):
         out = sae(x)
+
+Encode strategies
+-----------------
+Under the ``triton`` backend the TopK, BatchTopK and JumpReLU encoders select with one of
+:data:`ENCODE_STRATEGIES` (:mod:`fastsae.ops._encode_strategy`): ``fused`` (GEMM and top-k in
+one Triton kernel), ``slab`` (cuBLAS into bounded slabs + a streaming Triton top-k), ``torch``
+(cuBLAS + ``torch.topk``), or ``auto`` (the default): the first call for a shape on a GPU times
+the eligible ones and caches the fastest. Override with ``FASTSAE_ENCODE_STRATEGY`` or, which
+wins, :func:`use_encode_strategy`.
 """
 
 from __future__ import annotations
@@ -37,6 +47,7 @@ from torch import Tensor
 
 __all__ = [
     "BACKENDS",
+    "ENCODE_STRATEGIES",
     "EncodeTopKOutput",
     "batch_topk",
     "dense_decode",
@@ -44,14 +55,18 @@ __all__ = [
     "encode_jumprelu",
     "encode_topk",
     "get_backend",
+    "get_encode_strategy",
     "implementation_of",
     "jumprelu",
     "pre_activations",
+    "requested_backend",
     "sparse_decode",
     "use_backend",
+    "use_encode_strategy",
 ]
 
 BACKENDS = ("auto", "triton", "torch", "reference")
+ENCODE_STRATEGIES = ("auto", "fused", "slab", "torch")
 _FALLBACK = {
     "triton": ("triton", "torch", "reference"),
     "torch": ("torch", "reference"),
@@ -98,11 +113,45 @@ def _resolve_auto() -> str:
     return "torch"
 
 
+def requested_backend() -> str:
+    """The backend asked for (``use_backend``, else ``FASTSAE_BACKEND``, else ``auto``), before
+    ``auto`` is resolved."""
+    name = getattr(_local, "backend", None) or os.environ.get("FASTSAE_BACKEND", "auto")
+    return _check_name(name)
+
+
 def get_backend() -> str:
     """The backend that ops will use now: ``reference``, ``torch`` or ``triton`` (never ``auto``)."""
-    name = getattr(_local, "backend", None) or os.environ.get("FASTSAE_BACKEND", "auto")
-    name = _check_name(name)
+    name = requested_backend()
     return _resolve_auto() if name == "auto" else name
+
+
+def get_encode_strategy() -> str:
+    """The encoders' selection strategy now (one of :data:`ENCODE_STRATEGIES`):
+    :func:`use_encode_strategy`, else ``FASTSAE_ENCODE_STRATEGY``, else ``auto``."""
+    name = getattr(_local, "encode_strategy", None)
+    name = name or os.environ.get("FASTSAE_ENCODE_STRATEGY", "auto")
+    if name not in ENCODE_STRATEGIES:
+        raise ValueError(
+            f"unknown encode strategy {name!r}; allowed: {', '.join(ENCODE_STRATEGIES)}"
+        )
+    return name
+
+
+@contextmanager
+def use_encode_strategy(name: str) -> Iterator[str]:
+    """Select with strategy ``name`` (one of :data:`ENCODE_STRATEGIES`) inside the ``with``
+    block, in this thread; it wins over ``FASTSAE_ENCODE_STRATEGY`` and over measurement."""
+    if name not in ENCODE_STRATEGIES:
+        raise ValueError(
+            f"unknown encode strategy {name!r}; allowed: {', '.join(ENCODE_STRATEGIES)}"
+        )
+    previous = getattr(_local, "encode_strategy", None)
+    _local.encode_strategy = name
+    try:
+        yield name
+    finally:
+        _local.encode_strategy = previous
 
 
 @contextmanager

@@ -1,7 +1,8 @@
 """The ``triton`` backend: the Triton kernels of :mod:`fastsae.kernels`.
 
 The ops below (sparse decode, the sparse encoder backward, and the TopK / BatchTopK / JumpReLU
-encoders built on the fused encode + top-k kernel) are defined here; every other op falls back
+encoders built on the fused encode + top-k kernel or on slab + select, by the encode strategy of
+:mod:`fastsae.ops._encode_strategy`) are defined here; every other op falls back
 to :mod:`fastsae.ops._torch`, then :mod:`fastsae.ops._reference` (see :func:`fastsae.ops.implementation_of`). The kernels run on
 CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1`` (set before Triton is imported).
 """
@@ -11,15 +12,19 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from fastsae.kernels import slab_topk as _slab_topk
 from fastsae.kernels.encode_topk import select_topk as _select_topk
 from fastsae.kernels.sparse_decode import sparse_decode as _sparse_decode
 from fastsae.kernels.sparse_encoder_bwd import sparse_encoder_backward as _sparse_encoder_backward
+from fastsae.ops import _torch
+from fastsae.ops._encode_strategy import AutoSelect
 from fastsae.ops._sparse_encode import make_encode_ops
 
 __all__ = [
     "encode_batch_topk",
     "encode_jumprelu",
     "encode_topk",
+    "select_topk",
     "sparse_decode",
     "sparse_encoder_backward",
 ]
@@ -65,10 +70,26 @@ def _rescore(x_in: Tensor, W_enc: Tensor, b_enc: Tensor, idx: Tensor, top: Tenso
     return torch.where(torch.isfinite(top), exact, top.to(exact.dtype))
 
 
-# The fused encode + top-k kernel selects; the shared sparse autograd (fastsae/ops/_sparse_encode.py)
-# turns its selection into TopK, BatchTopK and JumpReLU encoders whose backward runs the kernels
-# above.
-_encoders = make_encode_ops(_select)
+def _select_slab(x_in: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, **kwargs):
+    """Slab + select (:mod:`fastsae.kernels.slab_topk`); the torch selection where ``k`` or
+    ``k_aux`` is above the kernel's ``MAX_K``, so no k crashes. Float64 rescored as above."""
+    dead, k_aux = kwargs.get("dead_mask"), kwargs.get("k_aux", 0)
+    if k > _slab_topk.MAX_K or (dead is not None and k_aux > _slab_topk.MAX_K):
+        return _torch.select_topk(x_in, W_enc, b_enc, k, **kwargs)
+    top, idx, aux_top, aux_idx = _slab_topk.select_topk(x_in, W_enc, b_enc, k, **kwargs)
+    if x_in.dtype == torch.float64:
+        top = _rescore(x_in, W_enc, b_enc, idx, top)
+        if aux_idx is not None:
+            aux_top = _rescore(x_in, W_enc, b_enc, aux_idx, aux_top)
+    return top, idx, aux_top, aux_idx
+
+
+# The selection: the fused encode + top-k kernel, slab + select, or torch, by the encode strategy
+# (fastsae/ops/_encode_strategy.py: measured on a GPU unless set). The shared sparse autograd
+# (fastsae/ops/_sparse_encode.py) turns it into TopK, BatchTopK and JumpReLU encoders whose
+# backward runs the kernels above.
+select_topk = AutoSelect({"fused": _select, "slab": _select_slab, "torch": _torch.select_topk})
+_encoders = make_encode_ops(select_topk)
 encode_topk = _encoders["encode_topk"]
 encode_batch_topk = _encoders["encode_batch_topk"]
 encode_jumprelu = _encoders["encode_jumprelu"]

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from fastsae.config import ARCHITECTURES, TOPK_FAMILY
-from fastsae.ops import BACKENDS
+from fastsae.ops import BACKENDS, ENCODE_STRATEGIES
 
 __all__ = ["PRESETS", "TrainConfig", "default_lr", "load_config_file"]
 
@@ -132,6 +132,9 @@ class TrainConfig:
     """Seed for the SAE initialisation and the data order."""
     backend: str = "auto"
     """fastsae.ops backend: auto, triton, torch or reference."""
+    encode_strategy: str = "auto"
+    """Encoder top-k selection on the triton backend: auto (timed per shape on a GPU, cached),
+    fused, slab or torch (see docs/kernels.md). auto also defers to FASTSAE_ENCODE_STRATEGY."""
     device: str = "auto"
     """cpu, cuda, cuda:N, or auto."""
     dtype: str = "float32"
@@ -185,6 +188,11 @@ class TrainConfig:
             )
         if self.backend not in BACKENDS:
             raise ValueError(f"backend={self.backend!r} is unknown; allowed: {', '.join(BACKENDS)}")
+        if self.encode_strategy not in ENCODE_STRATEGIES:
+            raise ValueError(
+                f"encode_strategy={self.encode_strategy!r} is unknown; allowed: "
+                f"{', '.join(ENCODE_STRATEGIES)}"
+            )
         if self.autocast not in ("none", "bf16"):
             raise ValueError(f"autocast={self.autocast!r}; allowed: none, bf16")
         if self.init_b_dec not in ("geometric_median", "mean", "zeros"):

@@ -229,6 +229,11 @@ class Trainer:
             return lr * max(0.0, (total - step) / (total - start))
         return lr
 
+    def _encode_strategy(self):
+        """The configured encode strategy; ``auto`` leaves FASTSAE_ENCODE_STRATEGY in charge."""
+        strategy = self.cfg.encode_strategy
+        return contextlib.nullcontext() if strategy == "auto" else ops.use_encode_strategy(strategy)
+
     def _autocast(self):
         if self.cfg.autocast == "bf16":
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
@@ -269,7 +274,7 @@ class Trainer:
         # NVTX ranges (the nvtx package works without a GPU) name each phase in Nsight and in
         # profiling/profile_step.py's table.
         with nvtx.annotate("sae.forward+loss", color="green"):
-            with ops.use_backend(cfg.backend), self._autocast():
+            with ops.use_backend(cfg.backend), self._encode_strategy(), self._autocast():
                 result = self._loss(x, y, dead_mask)
             loss_value = result.loss.item()
         if not math.isfinite(loss_value):

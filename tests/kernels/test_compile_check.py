@@ -12,12 +12,12 @@ import sys
 
 import pytest
 
-from fastsae.kernels import csr, encode_topk, sparse_decode, sparse_encoder_bwd
+from fastsae.kernels import csr, encode_topk, slab_topk, sparse_decode, sparse_encoder_bwd
 
 
 def _kernel_names() -> set[str]:
     """Every ``@triton.jit`` kernel defined in fastsae.kernels (by the naming rule ``_*_kernel``)."""
-    modules = (csr, encode_topk, sparse_decode, sparse_encoder_bwd)
+    modules = (csr, encode_topk, slab_topk, sparse_decode, sparse_encoder_bwd)
     return {
         name
         for module in modules
@@ -34,7 +34,7 @@ def check_output() -> str:
         env=env,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=600,  # slab_topk's 1024- and 2048-key sorts add ~2 min on two cores
     )
     assert result.returncode == 0, f"check failed:\n{result.stdout}\n{result.stderr}"
     return result.stdout

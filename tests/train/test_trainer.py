@@ -220,6 +220,7 @@ def test_saved_sae_loads_in_saelens_with_identical_outputs(tmp_path):
             "batch_size=256 must be <= buffer_tokens / 2 = 192",
         ),
         ({"backend": "cuda"}, "backend='cuda' is unknown"),
+        ({"encode_strategy": "heap"}, "encode_strategy='heap' is unknown"),
         ({"grad_clip": 1.0, "optimizer_in_backward": True}, "cannot be combined"),
         ({"autocast": "fp8"}, "autocast='fp8'"),
     ],
@@ -260,3 +261,11 @@ def test_docs_list_every_training_option():
         if f"`--{f.name.replace('_', '-')}`" not in text
     ]
     assert missing == []
+
+
+def test_encode_strategy_setting_applies_around_the_forward(monkeypatch):
+    monkeypatch.setenv("FASTSAE_ENCODE_STRATEGY", "torch")
+    with Trainer(small_cfg(encode_strategy="slab"))._encode_strategy():
+        assert ops.get_encode_strategy() == "slab"
+    with Trainer(small_cfg())._encode_strategy():  # auto defers to the environment
+        assert ops.get_encode_strategy() == "torch"
