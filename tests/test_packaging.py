@@ -37,3 +37,17 @@ def test_readme_install_section_names_the_distribution():
     commands = [line.strip() for block in re.findall(r"```bash\n(.*?)```", readme, re.S)
                 for line in block.splitlines()]  # fmt: skip
     assert "pip install fastsae" not in commands
+
+
+def test_every_subpackage_ships_in_the_distribution():
+    # setuptools' explicit package list: a subpackage missing here works in an editable install
+    # but is absent from `pip install fastsae-lab` (fastsae.parallel once was).
+    listed = set(
+        tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    )
+    on_disk = {
+        ".".join(("fastsae", *p.parent.relative_to(ROOT / "fastsae").parts))
+        for p in (ROOT / "fastsae").rglob("__init__.py")
+    }
+    on_disk.add("fastsae.kernels")  # kernels/ is installed as fastsae.kernels
+    assert on_disk <= listed, sorted(on_disk - listed)
