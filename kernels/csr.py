@@ -25,10 +25,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from fastsae.kernels._launch import acc_dtype, launch
+
 __all__ = [
-    "acc_dtype",
     "block_d",
-    "check_index_range",
     "csr_by_latent",
     "segment_reduce",
     "segment_reduce_plan",
@@ -57,21 +57,6 @@ SEGMENT_NUM_WARPS = 4
 def block_d(d: int) -> int:
     """Columns per program for a feature width ``d`` (see ``MAX_BLOCK_D``)."""
     return min(MAX_BLOCK_D, max(MIN_BLOCK_D, triton.next_power_of_2(max(d, 1))))
-
-
-def check_index_range(indices: Tensor, n: int) -> None:
-    """Raise if an id in ``indices`` is outside ``[0, n)``. Off the GPU only: on CUDA, reading
-    ``min``/``max`` back is a host sync on every call, and the ids come from our own top-k."""
-    if indices.device.type == "cuda" or indices.numel() == 0:
-        return
-    lo, hi = int(indices.min()), int(indices.max())
-    if lo < 0 or hi >= n:
-        raise ValueError(f"indices must lie in [0, d_sae={n}); got min={lo}, max={hi}")
-
-
-def acc_dtype(*dtypes: torch.dtype) -> tl.dtype:
-    """Accumulator dtype: fp32 for fp32/bf16/fp16, fp64 when any input is fp64 (oracle tests)."""
-    return tl.float64 if torch.float64 in dtypes else tl.float32
 
 
 # ---------------------------------------------------------------------------------------------
@@ -234,5 +219,4 @@ def segment_reduce(
     if n == 0:
         return
     offsets, entries = csr_by_latent(indices, n)
-    kernel, grid, kwargs = segment_reduce_plan(offsets, entries, coef, X, out, coef_sum)
-    kernel[grid](**kwargs)
+    launch(segment_reduce_plan(offsets, entries, coef, X, out, coef_sum))
