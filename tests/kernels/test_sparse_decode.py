@@ -40,7 +40,9 @@ def _tiles(small: bool):
         yield
         return
     with (
-        mock.patch.multiple(csr, MAX_BLOCK_D=16, SEGMENT_BLOCK_E=4),
+        mock.patch.multiple(
+            csr, MAX_BLOCK_D=16, SEGMENT_BLOCK_E=4, SPLIT_ENTRIES=5, LATENTS_PER_PROGRAM=3
+        ),
         mock.patch.multiple(sd, FWD_BLOCK_B=4, BWD_BLOCK_P=4),
     ):
         yield
