@@ -228,12 +228,17 @@ def main(argv: list[str] | None = None) -> int:
         metavar="CAP",
         help="fail if any kernel spills on this capability (e.g. 90)",
     )
+    parser.add_argument(
+        "--only", default="", help="compile only the launches whose label contains this text"
+    )
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION")
 
     start = time.time()
     n_cases = len(list(_cases()))
-    jobs = [(i, cap) for cap in CAPABILITIES for i in range(n_cases)]
+    cases = list(_cases())
+    picked = [i for i in range(n_cases) if args.only in cases[i].name]
+    jobs = [(i, cap) for cap in CAPABILITIES for i in picked]
     if args.jobs > 1:
         # spawn, not fork: building the cases runs torch ops, and a forked child of a process
         # whose OpenMP pool has started can deadlock on the pool's locks (it did here).

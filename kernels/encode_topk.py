@@ -63,10 +63,12 @@ The 2.6 rounds per tile (1.9 in a slab's second half; 7 of 256 tiles sorted) com
 simulation of the gate on iid Gaussian scores, BM=128, KP=32, 256 tiles per slab; with 32 tiles
 per slab it is 5.4. All of this is an estimate from instruction counts: time it on a GPU.
 
-AuxK: with ``dead_mask`` and ``k_aux > 0`` a second state of ``next_pow2(k_aux')`` keys rides the
-same pass over the tiles (same GEMM), fed with the tile's keys where the latent is dead and
-masked keys elsewhere. Its scores are the same (threshold-masked) scores. Both states share the
-register budget, so a large ``k_aux`` shrinks ``BLOCK_M`` (k=32 with k_aux=256: 16 rows).
+AuxK: with ``dead_mask`` and ``k_aux > 0`` a second state of ``next_pow2(min(k_aux, N))`` keys
+rides the same pass over the tiles (same GEMM), fed with the tile's keys where the latent is dead
+and masked keys elsewhere. Its scores are the same (threshold-masked) scores. Both states share
+the register budget, so a large ``k_aux`` shrinks ``BLOCK_M`` (k=32 with k_aux=256: 16 rows). The
+state is sized from ``k_aux``, never from the number of dead latents, so the compile key does not
+change while latents die, and the launcher needs no host sync.
 """
 
 from __future__ import annotations
@@ -252,7 +254,7 @@ def _encode_topk_fwd_kernel(
     stride_dead,
     # meta-parameters
     KP: tl.constexpr,  # next_pow2(k): candidates per row per slab
-    KAP: tl.constexpr,  # next_pow2(k_aux'), or 1 when HAS_AUX is off
+    KAP: tl.constexpr,  # next_pow2(min(k_aux, N)), or 1 when HAS_AUX is off
     HAS_THRESHOLD: tl.constexpr,
     HAS_AUX: tl.constexpr,
     STRATEGY: tl.constexpr,  # STRATEGIES[...]
