@@ -77,18 +77,18 @@ def test_no_spills_on_sm90(check_output):
 
 def test_bf16_dots_compile_to_tensor_cores(check_output):
     """The bf16 tensor-core path, which the interpreter cannot run (it widens bf16 dots to
-    fp32): every bf16 encode_topk compile must contain a bf16 MMA, wgmma on sm_90 and mma.sync
-    on sm_80; fp32 inputs use tf32 MMAs (tf32x3), and the gather kernels none."""
+    fp32): every bf16 encode_topk compile must contain a bf16 MMA (wgmma for the default k=32
+    tiles on sm_90; mma.sync where BLOCK_M < 64 or on sm_80); fp32 inputs use tf32 MMAs
+    (tf32x3), and the gather kernels none."""
     rows = _rows(check_output)
     fused = [row for row in rows if row[0] == "_encode_topk_fwd_kernel"]
     assert fused
-    want = {("bf16", "sm_90"): "wgmma.bf16", ("bf16", "sm_80"): "mma.bf16"}
     for row in fused:
-        dtype, target = (
-            ("bf16" if "bf16" in row else "fp32"),
-            row[row.index("bf16") - 1 if "bf16" in row else row.index("fp32") - 1],
-        )
-        assert want.get((dtype, target), "tf32") in row[-2], row
+        operand = "bf16" if "bf16" in row else "tf32"
+        assert f"mma.{operand}" in row[-2], row
+        default_tile = "128x64x64" in row or "128x64x32" in row
+        if "sm_90" in row and default_tile:
+            assert f"wgmma.{operand}" in row[-2], row
     for row in rows:
         if row[0] != "_encode_topk_fwd_kernel":
             assert row[-2] == "-", row
