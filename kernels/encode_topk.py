@@ -117,6 +117,11 @@ BLOCK_K_BYTES = 128
 # spilled 508 B.
 NUM_WARPS = 8
 NUM_STAGES = 3
+# ptxas register cap, passed explicitly (Triton's maxnreg). Left to itself, Triton 3.6's ptxas
+# held the 32 x 64 bf16 k=128 tile to 128 registers (2 CTAs per SM) and spilled 24 B on sm_90;
+# with the cap it takes 146 and spills nothing (Triton 3.9's ptxas: 112-116 either way). The
+# 128-row tiles use 186-255 with or without it.
+MAX_REGISTERS = 255
 # A gated tile needing more rounds than this takes the sort-merge step: the sort/round column
 # of the table, rounded. KP <= 8 never sorts (r <= KP); KP >= 128 only with a blocks override
 # that makes BLOCK_N >= KP (values from the sort_merge tile cost over the round cost).
@@ -475,6 +480,7 @@ def _fwd_plan(
         EVEN_K=D % blocks.block_k == 0,
         num_warps=blocks.num_warps,
         num_stages=blocks.num_stages,
+        maxnreg=MAX_REGISTERS,
     )
     return _encode_topk_fwd_kernel, (triton.cdiv(B, blocks.block_m), S), kwargs
 
