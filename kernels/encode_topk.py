@@ -120,7 +120,7 @@ NUM_STAGES = 3
 # ptxas register cap, passed explicitly (Triton's maxnreg). Left to itself, Triton 3.6's ptxas
 # held the 32 x 64 bf16 k=128 tile to 128 registers (2 CTAs per SM) and spilled 24 B on sm_90;
 # with the cap it takes 146 and spills nothing (Triton 3.9's ptxas: 112-116 either way). The
-# 128-row tiles use 186-255 with or without it.
+# other tiles keep their counts within a few registers (docs/kernels.md has both versions).
 MAX_REGISTERS = 255
 # A gated tile needing more rounds than this takes the sort-merge step: the sort/round column
 # of the table, rounded. KP <= 8 never sorts (r <= KP); KP >= 128 only with a blocks override
