@@ -228,10 +228,12 @@ def _plan(starts, ends, rows, coef, X, out, coef_sum=None, dst=None, *, write_em
 def _hot_chunks(offsets: Tensor, n_entries: int):
     """Chunks of the segments longer than ``SPLIT_ENTRIES``, with static shapes (no host sync).
 
-    At most ``H = n_entries // (SPLIT_ENTRIES + 1)`` latents can be hot; they are among the
-    ``H`` longest segments (any tie order will do: the extra ones are not hot and get no chunk).
-    A hot segment of ``L`` entries has ``cdiv(L, SPLIT_ENTRIES) < 2 L / SPLIT_ENTRIES`` chunks,
-    so ``2 H + 1`` chunk slots always suffice; unused slots are empty ranges.
+    At most ``H = min(n, n_entries // (SPLIT_ENTRIES + 1))`` latents can be hot; they are among
+    the ``H`` longest segments (any tie order will do: the extra ones are not hot and get no
+    chunk). A hot segment of ``L`` entries has ``cdiv(L, SPLIT_ENTRIES) < 2 L / SPLIT_ENTRIES``
+    chunks, and the hot segments hold at most ``n_entries`` entries, so
+    ``2 n_entries // SPLIT_ENTRIES + 1`` chunk slots always suffice (not ``2 H + 1``: with few
+    latents ``H`` is capped by ``n``); unused slots are empty ranges.
 
     Returns ``(hot [H], chunk_bounds [H + 1], starts [C], ends [C])``: hot latent ``h`` owns
     chunks ``chunk_bounds[h]:chunk_bounds[h + 1]`` (none if it is not hot)."""
@@ -244,7 +246,7 @@ def _hot_chunks(offsets: Tensor, n_entries: int):
         hot_len > SPLIT_ENTRIES, (hot_len + SPLIT_ENTRIES - 1) // SPLIT_ENTRIES, 0
     )
     chunk_bounds = torch.cat([n_chunks.new_zeros(1), torch.cumsum(n_chunks, 0)])
-    C = 2 * H + 1
+    C = 2 * n_entries // SPLIT_ENTRIES + 1
     slot = torch.arange(C, device=offsets.device)
     owner = torch.searchsorted(chunk_bounds[1:], slot, right=True).clamp(max=H - 1)
     latent = hot[owner]

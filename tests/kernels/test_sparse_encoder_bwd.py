@@ -248,3 +248,11 @@ def test_hot_latents_are_split_deterministically(split, seed):
             hot, bounds, _, _ = csr._hot_chunks(offsets, indices.numel())
             assert set(hot[bounds[1:] > bounds[:-1]].tolist()) == {2, 5}
     assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+
+
+def test_hot_latent_with_few_latents(seed):
+    """n = 1: every entry in one segment, more chunks than 2 * min(n, ...) + 1 slots (the chunk
+    buffer was sized from the capped hot count and the merge read past it)."""
+    x, indices, grad_pre, W_enc = _problem(12, 7, 1, 5, dtype=torch.float64, seed=seed)
+    with mock.patch.multiple(csr, SPLIT_ENTRIES=5, LATENTS_PER_PROGRAM=2, SEGMENT_BLOCK_E=4):
+        _check_launchers(x, indices, grad_pre, W_enc)
