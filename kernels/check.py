@@ -6,7 +6,14 @@ inputs, this builds the same signature Triton's JIT would build at launch (point
 equal to 1 folded into constants, 16-divisibility hints), compiles it with
 ``triton.compile(ASTSource(...), target=GPUTarget("cuda", cap, 32))``, and runs the matching
 ``ptxas -v`` on the PTX to read registers and spills (``metadata.n_regs`` is only filled in after a
-launch on a device). It prints one table row per compile and exits non-zero if any compile fails.
+launch on a device), and reads the tensor-core instruction a ``tl.dot`` became from the PTX
+(``wgmma.bf16`` on sm_90, ``mma.bf16`` on sm_80 for bf16 operands: the bf16 path the interpreter
+cannot run, since it widens bf16 dots to fp32). It prints one table row per compile and exits
+non-zero if any compile fails.
+
+Supported Triton: 3.6 (what torch 2.11 pins, on the GPU machines) to 3.9 (this venv). CI runs the
+check under both (``scripts/compile_check_triton36.sh`` puts a 3.6 wheel first on ``PYTHONPATH``);
+the header line names the version that produced a table.
 
 Must run without ``TRITON_INTERPRET``: under the interpreter ``@triton.jit`` produces Python
 functions with nothing to compile. Run as a script with the variable set, it re-executes itself
@@ -95,18 +102,27 @@ def _cases() -> Iterator[Case]:
                 values, indices, W_dec, _, grad_out = _examples(d, dtype)
                 return sparse_decode._bwd_plan(grad_out, indices, W_dec, torch.empty_like(values))
 
-            def decode_grad_W(d=d, dtype=dtype):
+            def decode_grad_W(d=d, dtype=dtype, step=0, hot=False):
                 values, indices, W_dec, _, grad_out = _examples(d, dtype)
-                offsets, entries = csr.csr_by_latent(indices, W_dec.shape[0])
+                if hot:  # one latent hit by every entry: its segment is reduced in chunks
+                    values, grad_out = values.repeat(4, 1), grad_out.repeat(4, 1)
+                    indices = torch.zeros_like(values, dtype=torch.int64)
+                layout = csr.csr_by_latent(indices, W_dec.shape[0])
                 out = torch.empty_like(W_dec)
-                return csr.segment_reduce_plan(offsets, entries, values, grad_out, out)
+                return csr.segment_reduce_plans(layout, values, grad_out, out)[step]
 
             def encoder_grad_W(d=d, dtype=dtype):
                 grad_pre, indices, W_t, _, x = _examples(d, dtype)
-                offsets, entries = csr.csr_by_latent(indices, W_t.shape[0])
+                layout = csr.csr_by_latent(indices, W_t.shape[0])
                 out = torch.empty_like(W_t)
                 b = torch.empty(W_t.shape[0], dtype=dtype)
-                return csr.segment_reduce_plan(offsets, entries, grad_pre, x, out, b)
+                return csr.segment_reduce_plans(layout, grad_pre, x, out, b)[0]
+
+            def hot_chunks(d=d, dtype=dtype):
+                return decode_grad_W(d, dtype, step=0, hot=True)
+
+            def hot_merge(d=d, dtype=dtype):
+                return decode_grad_W(d, dtype, step=2, hot=True)
 
             def encoder_grad_x_latent_major(d=d, dtype=dtype):
                 # W_enc = buf.T for a contiguous [n, d_in] buf: W_enc.T is buf itself.
@@ -123,6 +139,8 @@ def _cases() -> Iterator[Case]:
             yield Case("sparse_decode bwd grad_values", d, dname, decode_grad_values)
             yield Case("segment_reduce (grad_W_dec)", d, dname, decode_grad_W)
             yield Case("segment_reduce (grad_W_enc, grad_b_enc)", d, dname, encoder_grad_W)
+            yield Case("segment_reduce hot-latent chunks", d, dname, hot_chunks)
+            yield Case("segment_reduce hot-latent merge", d, dname, hot_merge)
             yield Case("enc grad_x, W_enc=[n,d_in].T", d, dname, encoder_grad_x_latent_major)
             yield Case("enc grad_x, W_enc=[d_in,n]", d, dname, encoder_grad_x_row_major)
     # The fused encode + top-k: every specialisation its launcher makes (k, threshold mode,
@@ -171,6 +189,16 @@ def _ptxas_stats(ptx: str, capability: int) -> tuple[int, int]:
     return int(regs.group(1)), int(spills.group(1))
 
 
+_MMA = re.compile(r"\b(wgmma\.mma_async|mma\.sync)\.[\w.]*?\.(bf16|f16|tf32|f64)\b")
+
+
+def _tensor_core_op(ptx: str) -> str:
+    """``wgmma.bf16`` / ``mma.tf32`` ...: the MMA instruction and operand type in ``ptx``, or
+    ``-`` when the kernel uses no tensor cores (the gather kernels)."""
+    found = sorted({(op.split(".")[0], ty) for op, ty in _MMA.findall(ptx)})
+    return ",".join(f"{op}.{ty}" for op, ty in found) or "-"
+
+
 def _compile_one(job: tuple[int, int]) -> tuple[str, str]:
     """Compile case number ``job[0]`` for capability ``job[1]``; return (table row, error)."""
     index, capability = job
@@ -183,9 +211,10 @@ def _compile_one(job: tuple[int, int]) -> tuple[str, str]:
         compiled = triton.compile(src, target=GPUTarget("cuda", capability, 32), options=options)
         regs, spills = _ptxas_stats(compiled.asm["ptx"], capability)
         shared = compiled.metadata.shared
+        mma = _tensor_core_op(compiled.asm["ptx"])
         row = (
             f"{kernel_name:<28} {case.name:<40} {case.width:>5} sm_{capability:<3} "
-            f"{case.dtype:<5} {regs:>4} {spills:>6} {shared:>6}  {meta}"
+            f"{case.dtype:<5} {regs:>4} {spills:>6} {shared:>6} {mma:<11} {meta}"
         )
         return row, ""
     except Exception as e:  # noqa: BLE001 - every failure is reported, then the exit is non-zero
@@ -195,12 +224,25 @@ def _compile_one(job: tuple[int, int]) -> tuple[str, str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="worker processes")
+    parser.add_argument(
+        "--no-spills-on",
+        type=int,
+        action="append",
+        default=[],
+        metavar="CAP",
+        help="fail if any kernel spills on this capability (e.g. 90)",
+    )
+    parser.add_argument(
+        "--only", default="", help="compile only the launches whose label contains this text"
+    )
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION")
 
     start = time.time()
     n_cases = len(list(_cases()))
-    jobs = [(i, cap) for cap in CAPABILITIES for i in range(n_cases)]
+    cases = list(_cases())
+    picked = [i for i in range(n_cases) if args.only in cases[i].name]
+    jobs = [(i, cap) for cap in CAPABILITIES for i in picked]
     if args.jobs > 1:
         # spawn, not fork: building the cases runs torch ops, and a forked child of a process
         # whose OpenMP pool has started can deadlock on the pool's locks (it did here).
@@ -213,18 +255,25 @@ def main(argv: list[str] | None = None) -> int:
 
     header = (
         f"{'kernel':<28} {'launch':<40} {'d':>5} {'target':<6} {'dtype':<5} {'regs':>4} "
-        f"{'spills':>6} {'shared':>6}  meta"
+        f"{'spills':>6} {'shared':>6} {'mma':<11} meta"
     )
+    print(f"triton {triton.__version__} (from {os.path.dirname(triton.__file__)})")
     print(header)
     print("-" * len(header))
     errors = []
-    for row, error in results:
+    for (index, capability), (row, error) in zip(jobs, results, strict=True):
         if error:
             errors.append(error)
-        else:
-            print(row)
+            continue
+        print(row)
+        spills = int(row.split()[-4])  # ... regs spills shared mma meta
+        if capability in args.no_spills_on and spills:
+            errors.append(f"{row.split()[0]} case {index} spills {spills} B on sm_{capability}")
     print(f"\n{len(results) - len(errors)}/{len(results)} compiled in {time.time() - start:.1f} s")
-    print("spills = ptxas spill-store bytes; shared = bytes of shared memory per program")
+    print(
+        "spills = ptxas spill-store bytes; shared = bytes of shared memory per program; "
+        "mma = tensor-core instruction.operand type in the PTX"
+    )
     for error in errors:
         print(f"FAILED {error}", file=sys.stderr)
     return 1 if errors else 0

@@ -14,24 +14,33 @@ Scattering ``B*k`` rows into ``out`` with atomics is non-deterministic, and ``in
 writes the whole output row, zeros included for latents that no entry hit. Every output element
 is written exactly once, in a fixed order: the result is bitwise reproducible.
 
+The layout is built once (:class:`CSR`: offsets, sorted entries and their rows ``b``); each
+reduction gathers its coefficients into sorted order once (``B*k`` values), so a program's loop
+makes two contiguous loads and one row gather per step, with no ``entry // k`` per d tile. Each
+program takes ``LATENTS_PER_PROGRAM`` latents; segments longer than ``SPLIT_ENTRIES`` are
+reduced in chunks (a static upper bound on their number, so no host sync) and summed in order.
+
 The launch helpers here are shared by :mod:`fastsae.kernels.sparse_decode` and
 :mod:`fastsae.kernels.sparse_encoder_bwd`; this module registers no custom op of its own.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
+from fastsae.kernels._launch import acc_dtype, launch
+
 __all__ = [
-    "acc_dtype",
+    "CSR",
     "block_d",
-    "check_index_range",
     "csr_by_latent",
     "segment_reduce",
-    "segment_reduce_plan",
+    "segment_reduce_plans",
 ]
 
 # ---------------------------------------------------------------------------------------------
@@ -52,26 +61,22 @@ MIN_BLOCK_D = 16
 SEGMENT_BLOCK_E = 16
 # 4 warps = 128 threads on a 16 x 128 tile: one element per thread per row of 16, 16 B vectors.
 SEGMENT_NUM_WARPS = 4
+# Latents per program. One program per (latent, d tile) launched n * d/128 programs (2.4M at
+# n=2^17, d=2304), most of them for an empty or 2-entry segment: launch and scheduling overhead
+# for a few loads each. 8 latents per program cut that to 300k programs, still ~2300 per H100
+# SM; an empty latent costs its two bound loads and a store of zeros.
+LATENTS_PER_PROGRAM = 8
+# Hot latents: a segment longer than this is cut into chunks of SPLIT_ENTRIES entries, each
+# reduced by its own programs, and the chunk sums added in order by a second, tiny pass. 1024
+# entries are 64 steps of 16 rows, against ~1 step for the average segment (B*k/n ~ 2 at B=8192,
+# k=32, n=2^17): the tail of a latent hit by a quarter of the batch (2048 entries) drops from 128
+# steps to 64. Order is fixed, so the result is still bitwise reproducible.
+SPLIT_ENTRIES = 1024
 
 
 def block_d(d: int) -> int:
     """Columns per program for a feature width ``d`` (see ``MAX_BLOCK_D``)."""
     return min(MAX_BLOCK_D, max(MIN_BLOCK_D, triton.next_power_of_2(max(d, 1))))
-
-
-def check_index_range(indices: Tensor, n: int) -> None:
-    """Raise if an id in ``indices`` is outside ``[0, n)``. Off the GPU only: on CUDA, reading
-    ``min``/``max`` back is a host sync on every call, and the ids come from our own top-k."""
-    if indices.device.type == "cuda" or indices.numel() == 0:
-        return
-    lo, hi = int(indices.min()), int(indices.max())
-    if lo < 0 or hi >= n:
-        raise ValueError(f"indices must lie in [0, d_sae={n}); got min={lo}, max={hi}")
-
-
-def acc_dtype(*dtypes: torch.dtype) -> tl.dtype:
-    """Accumulator dtype: fp32 for fp32/bf16/fp16, fp64 when any input is fp64 (oracle tests)."""
-    return tl.float64 if torch.float64 in dtypes else tl.float32
 
 
 # ---------------------------------------------------------------------------------------------
@@ -82,135 +87,233 @@ def acc_dtype(*dtypes: torch.dtype) -> tl.dtype:
 @triton.jit
 def _segment_reduce_fwd_kernel(
     # pointers
-    offsets_ptr,  # [N + 1] int64: latent i owns entries_ptr[offsets[i] : offsets[i + 1]]
-    entries_ptr,  # [E] int64 flat entry ids (b * K + j), grouped by latent, stable order
-    coef_ptr,  # [B, K] coefficient of entry (b, j): values or grad_pre
-    X_ptr,  # [B, D] row b is summed into the latent of every entry of token b
-    out_ptr,  # [N, D] row i = sum over latent i's entries of coef * X[b]
-    coef_sum_ptr,  # [N] sum of coef over latent i's entries; touched only if HAS_COEF_SUM
+    starts_ptr,  # [S] int64: segment s is positions starts[s] : ends[s] of rows / coef
+    ends_ptr,  # [S] int64
+    rows_ptr,  # [E] int64 row of X for each position (entries grouped by latent)
+    coef_ptr,  # [E] coefficient of each position, contiguous, in the same order
+    X_ptr,  # [R, D] rows summed into the segments
+    dst_ptr,  # [S] int64 output row of segment s; read only if HAS_DST (else row s)
+    out_ptr,  # [*, D] output rows: sum over the segment of coef * X[row]
+    coef_sum_ptr,  # [*] sum of coef over the segment; touched only if HAS_COEF_SUM
     # sizes
-    K,  # entries per token (the k of the [B, K] inputs)
+    S,  # segments
     D,  # feature width
     # strides
-    stride_cb,
-    stride_ck,
     stride_xb,
     stride_xd,
     stride_on,
     stride_od,
     stride_s,
     # meta-parameters
+    HAS_DST: tl.constexpr,
+    WRITE_EMPTY: tl.constexpr,  # an empty segment writes zeros (False: writes nothing)
     HAS_COEF_SUM: tl.constexpr,
     ACC_DTYPE: tl.constexpr,  # tl.float32, or tl.float64 for fp64 inputs
+    SEGMENTS_PER_PROGRAM: tl.constexpr,
     BLOCK_E: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    latent = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
     cols = pid_d.to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
     col_mask = cols < D
-    start = tl.load(offsets_ptr + latent)
-    end = tl.load(offsets_ptr + latent + 1)
-
-    # A 2-D accumulator, reduced once after the loop: no cross-thread reduction per step.
-    acc = tl.zeros((BLOCK_E, BLOCK_D), dtype=ACC_DTYPE)
-    coef_acc = tl.zeros((BLOCK_E,), dtype=ACC_DTYPE)
-    for pos0 in range(start, end, BLOCK_E):
-        pos = pos0 + tl.arange(0, BLOCK_E)
-        in_segment = pos < end
-        entry = tl.load(entries_ptr + pos, mask=in_segment, other=0)
-        row = entry // K
-        slot = entry - row * K
-        coef = tl.load(coef_ptr + row * stride_cb + slot * stride_ck, mask=in_segment, other=0)
-        coef = coef.to(ACC_DTYPE)
-        # A zero coefficient (ReLU'd tail of a top-k row) skips its row load entirely.
-        row_mask = in_segment & (coef != 0)
-        x = tl.load(
-            X_ptr + row[:, None] * stride_xb + cols[None, :] * stride_xd,
-            mask=row_mask[:, None] & col_mask[None, :],
-            other=0,
+    first = tl.program_id(0).to(tl.int64) * SEGMENTS_PER_PROGRAM
+    for i in range(SEGMENTS_PER_PROGRAM):
+        seg = first + i
+        live = seg < S
+        # Past the last segment: an empty range, and the store below is masked off.
+        start = tl.load(starts_ptr + seg, mask=live, other=0)
+        end = tl.load(ends_ptr + seg, mask=live, other=0)
+        # A 2-D accumulator, reduced once after the loop: no cross-thread reduction per step.
+        acc = tl.zeros((BLOCK_E, BLOCK_D), dtype=ACC_DTYPE)
+        coef_acc = tl.zeros((BLOCK_E,), dtype=ACC_DTYPE)
+        for pos0 in range(start, end, BLOCK_E):
+            pos = pos0 + tl.arange(0, BLOCK_E)
+            in_segment = pos < end
+            row = tl.load(rows_ptr + pos, mask=in_segment, other=0)
+            coef = tl.load(coef_ptr + pos, mask=in_segment, other=0).to(ACC_DTYPE)
+            # A zero coefficient (ReLU'd tail of a top-k row) skips its row load entirely.
+            row_mask = in_segment & (coef != 0)
+            x = tl.load(
+                X_ptr + row[:, None] * stride_xb + cols[None, :] * stride_xd,
+                mask=row_mask[:, None] & col_mask[None, :],
+                other=0,
+            )
+            acc += coef[:, None] * x.to(ACC_DTYPE)
+            coef_acc += coef
+        if HAS_DST:  # noqa: SIM108 - a compile-time branch
+            dst = tl.load(dst_ptr + seg, mask=live, other=0)
+        else:
+            dst = seg
+        write = live if WRITE_EMPTY else live & (end > start)
+        # The scalar condition enters the vector mask through the column bound (the interpreter
+        # rejects a scalar & vector mask).
+        tl.store(
+            out_ptr + dst * stride_on + cols * stride_od,
+            tl.sum(acc, axis=0).to(out_ptr.dtype.element_ty),
+            mask=cols < tl.where(write, D, 0),
         )
-        acc += coef[:, None] * x.to(ACC_DTYPE)
-        coef_acc += coef
-
-    # Written unconditionally: a latent with an empty segment gets exact zeros.
-    tl.store(
-        out_ptr + latent * stride_on + cols * stride_od,
-        tl.sum(acc, axis=0).to(out_ptr.dtype.element_ty),
-        mask=col_mask,
-    )
-    if HAS_COEF_SUM:  # noqa: SIM102 - a compile-time branch around a runtime one
-        if pid_d == 0:
+        if HAS_COEF_SUM:
             tl.store(
-                coef_sum_ptr + latent * stride_s,
+                coef_sum_ptr + dst * stride_s,
                 tl.sum(coef_acc, axis=0).to(coef_sum_ptr.dtype.element_ty),
+                mask=write & (pid_d == 0),
             )
 
 
 # ---------------------------------------------------------------------------------------------
-# Layout and launcher
+# Layout and launchers
 # ---------------------------------------------------------------------------------------------
 
 
-def csr_by_latent(indices: Tensor, n: int) -> tuple[Tensor, Tensor]:
-    """Group the entries of ``indices`` by latent.
+class CSR(NamedTuple):
+    """``[B, K]`` latent ids grouped by latent: latent ``i`` owns positions
+    ``offsets[i]:offsets[i + 1]`` of ``entries`` (flat ids ``b * K + j``, increasing) and of
+    ``rows`` (their ``b``). Build it once per set of ids; every reduction over them reuses it."""
 
-    Args:
-        indices: ``[B, K]`` int64 latent ids in ``[0, n)``; duplicates allowed.
-        n: number of latents.
+    offsets: Tensor  # [n + 1] int64
+    entries: Tensor  # [B*K] int64
+    rows: Tensor  # [B*K] int64
 
-    Returns:
-        ``(offsets [n + 1], entries [B*K])``, both int64: the flat entry ids ``b * K + j`` of
-        latent ``i`` are ``entries[offsets[i]:offsets[i + 1]]``, in increasing order (the sort
-        is stable, so the reduction order, and therefore the result, is reproducible).
-    """
+
+def csr_by_latent(indices: Tensor, n: int) -> CSR:
+    """Group the entries of ``indices`` (``[B, K]`` int64 ids in ``[0, n)``, duplicates allowed)
+    by latent. The sort is stable, so the reduction order, and the result, are reproducible."""
     flat = indices.reshape(-1)
     sorted_ids, entries = torch.sort(flat, stable=True)
     # searchsorted rather than bincount + cumsum: bincount sizes its output from max(ids), a
     # device-to-host sync on CUDA in the middle of the backward; searchsorted needs none.
     bounds = torch.arange(n + 1, device=flat.device, dtype=flat.dtype)
     offsets = torch.searchsorted(sorted_ids, bounds)
-    return offsets, entries
+    rows = entries // max(indices.shape[1], 1)
+    return CSR(offsets, entries, rows)
 
 
-def segment_reduce_plan(
-    offsets: Tensor,
-    entries: Tensor,
-    coef: Tensor,
-    X: Tensor,
-    out: Tensor,
-    coef_sum: Tensor | None = None,
-):
-    """``(kernel, grid, kwargs)`` of one :func:`segment_reduce` launch, also read by the AOT check."""
-    n, d = out.shape
-    K = coef.shape[1]
+def _plan(starts, ends, rows, coef, X, out, coef_sum=None, dst=None, *, write_empty=True):
+    """``(kernel, grid, kwargs)`` of one launch over the segments ``starts[s]:ends[s]``."""
+    S = starts.shape[0]
+    d = out.shape[1]
     bd = block_d(d)
-    dtypes = (coef.dtype, X.dtype, out.dtype)
     kwargs = dict(
-        offsets_ptr=offsets,
-        entries_ptr=entries,
+        starts_ptr=starts,
+        ends_ptr=ends,
+        rows_ptr=rows,
         coef_ptr=coef,
         X_ptr=X,
+        # Any valid pointer works when a flag is off: the kernel never touches it.
+        dst_ptr=starts if dst is None else dst,
         out_ptr=out,
-        # Any valid pointer works when HAS_COEF_SUM is off: the kernel never touches it.
         coef_sum_ptr=out if coef_sum is None else coef_sum,
-        K=K,
+        S=S,
         D=d,
-        stride_cb=coef.stride(0),
-        stride_ck=coef.stride(1),
         stride_xb=X.stride(0),
         stride_xd=X.stride(1),
         stride_on=out.stride(0),
         stride_od=out.stride(1),
         stride_s=1 if coef_sum is None else coef_sum.stride(0),
+        HAS_DST=dst is not None,
+        WRITE_EMPTY=write_empty,
         HAS_COEF_SUM=coef_sum is not None,
-        ACC_DTYPE=acc_dtype(*dtypes),
+        ACC_DTYPE=acc_dtype(coef.dtype, X.dtype, out.dtype),
+        SEGMENTS_PER_PROGRAM=LATENTS_PER_PROGRAM,
         BLOCK_E=SEGMENT_BLOCK_E,
         BLOCK_D=bd,
         num_warps=SEGMENT_NUM_WARPS,
     )
-    # At least one d tile, so that coef_sum is still written when D == 0.
-    return _segment_reduce_fwd_kernel, (n, max(1, triton.cdiv(d, bd))), kwargs
+    # At least one d tile, so that coef_sum is still written when D == 0. Segments go on grid
+    # dimension 0 (up to 2^31 - 1 programs); d tiles on dimension 1 (d / 16 <= 65535).
+    grid = (triton.cdiv(S, LATENTS_PER_PROGRAM), max(1, triton.cdiv(d, bd)))
+    return _segment_reduce_fwd_kernel, grid, kwargs
+
+
+def _hot_chunks(offsets: Tensor, n_entries: int):
+    """Chunks of the segments longer than ``SPLIT_ENTRIES``, with static shapes (no host sync).
+
+    At most ``H = min(n, n_entries // (SPLIT_ENTRIES + 1))`` latents can be hot; they are among
+    the ``H`` longest segments (any tie order will do: the extra ones are not hot and get no
+    chunk). A hot segment of ``L`` entries has ``cdiv(L, SPLIT_ENTRIES) < 2 L / SPLIT_ENTRIES``
+    chunks, and the hot segments hold at most ``n_entries`` entries, so
+    ``2 n_entries // SPLIT_ENTRIES + 1`` chunk slots always suffice (not ``2 H + 1``: with few
+    latents ``H`` is capped by ``n``); unused slots are empty ranges.
+
+    Returns ``(hot [H], chunk_bounds [H + 1], starts [C], ends [C])``: hot latent ``h`` owns
+    chunks ``chunk_bounds[h]:chunk_bounds[h + 1]`` (none if it is not hot)."""
+    n = offsets.shape[0] - 1
+    H = min(n, n_entries // (SPLIT_ENTRIES + 1))
+    lengths = offsets[1:] - offsets[:-1]
+    hot = torch.topk(lengths, H, sorted=False).indices
+    hot_len = lengths[hot]
+    n_chunks = torch.where(
+        hot_len > SPLIT_ENTRIES, (hot_len + SPLIT_ENTRIES - 1) // SPLIT_ENTRIES, 0
+    )
+    chunk_bounds = torch.cat([n_chunks.new_zeros(1), torch.cumsum(n_chunks, 0)])
+    C = 2 * n_entries // SPLIT_ENTRIES + 1
+    slot = torch.arange(C, device=offsets.device)
+    owner = torch.searchsorted(chunk_bounds[1:], slot, right=True).clamp(max=H - 1)
+    latent = hot[owner]
+    starts = offsets[latent] + (slot - chunk_bounds[owner]) * SPLIT_ENTRIES
+    ends = torch.minimum(starts + SPLIT_ENTRIES, offsets[latent + 1])
+    used = slot < chunk_bounds[-1]
+    return hot, chunk_bounds, torch.where(used, starts, 0), torch.where(used, ends, 0)
+
+
+def segment_reduce_plans(
+    csr: CSR, coef: Tensor, X: Tensor, out: Tensor, coef_sum: Tensor | None = None
+) -> list:
+    """The launches of one :func:`segment_reduce`, in order (also read by the AOT check):
+    the hot chunks into a partial buffer, every latent (hot ones as empty segments), then the
+    hot latents' chunk sums, in chunk order."""
+    offsets, entries, rows = csr
+    coef_sorted = coef.reshape(-1)[entries]
+    starts, ends = offsets[:-1], offsets[1:]
+    H = min(out.shape[0], entries.shape[0] // (SPLIT_ENTRIES + 1))
+    if H == 0:
+        return [_plan(starts, ends, rows, coef_sorted, X, out, coef_sum)]
+    hot, chunk_bounds, c_starts, c_ends = _hot_chunks(offsets, entries.shape[0])
+    fp64 = torch.float64 in (coef.dtype, X.dtype, out.dtype)
+    partial_dtype = torch.float64 if fp64 else torch.float32
+    C = c_starts.shape[0]
+    partial = torch.empty((C, out.shape[1]), dtype=partial_dtype, device=out.device)
+    partial_sum = torch.empty(C, dtype=partial_dtype, device=out.device)
+    # Hot latents take part in the main pass as empty segments (zeros, overwritten below).
+    hot_ends = ends.clone()
+    hot_ends[hot] = torch.where(_is_hot(offsets, hot), starts[hot], ends[hot])
+    identity = torch.arange(C, device=out.device)
+    ones = torch.ones(C, dtype=partial_dtype, device=out.device)
+    plans = [
+        _plan(c_starts, c_ends, rows, coef_sorted, X, partial, partial_sum),
+        _plan(starts, hot_ends, rows, coef_sorted, X, out, coef_sum),
+        _plan(
+            chunk_bounds[:-1],
+            chunk_bounds[1:],
+            identity,
+            ones,
+            partial,
+            out,
+            None,
+            hot,
+            write_empty=False,
+        ),
+    ]
+    if coef_sum is not None:
+        plans.append(
+            _plan(
+                chunk_bounds[:-1],
+                chunk_bounds[1:],
+                identity,
+                ones,
+                partial_sum[:, None],
+                coef_sum[:, None],
+                None,
+                hot,
+                write_empty=False,
+            )
+        )
+    return plans
+
+
+def _is_hot(offsets: Tensor, latents: Tensor) -> Tensor:
+    """``True`` where a latent's segment is longer than ``SPLIT_ENTRIES`` (reduced in chunks)."""
+    return offsets[latents + 1] - offsets[latents] > SPLIT_ENTRIES
 
 
 def segment_reduce(
@@ -219,6 +322,8 @@ def segment_reduce(
     X: Tensor,
     out: Tensor,
     coef_sum: Tensor | None = None,
+    *,
+    csr: CSR | None = None,
 ) -> None:
     """Fill ``out[i] = sum_{(b, j): indices[b, j] = i} coef[b, j] * X[b]`` (and ``coef_sum[i]``).
 
@@ -229,10 +334,11 @@ def segment_reduce(
         out: ``[n, D]`` float, overwritten entirely (its prior contents are never read).
         coef_sum: ``[n]`` float or ``None``; when given, overwritten with the per-latent sum of
             ``coef``.
+        csr: ``csr_by_latent(indices, n)`` when the caller already has it (built once, reused).
     """
     n = out.shape[0]
     if n == 0:
         return
-    offsets, entries = csr_by_latent(indices, n)
-    kernel, grid, kwargs = segment_reduce_plan(offsets, entries, coef, X, out, coef_sum)
-    kernel[grid](**kwargs)
+    csr = csr if csr is not None else csr_by_latent(indices, n)
+    for plan in segment_reduce_plans(csr, coef, X, out, coef_sum):
+        launch(plan)

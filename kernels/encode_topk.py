@@ -63,10 +63,12 @@ The 2.6 rounds per tile (1.9 in a slab's second half; 7 of 256 tiles sorted) com
 simulation of the gate on iid Gaussian scores, BM=128, KP=32, 256 tiles per slab; with 32 tiles
 per slab it is 5.4. All of this is an estimate from instruction counts: time it on a GPU.
 
-AuxK: with ``dead_mask`` and ``k_aux > 0`` a second state of ``next_pow2(k_aux')`` keys rides the
-same pass over the tiles (same GEMM), fed with the tile's keys where the latent is dead and
-masked keys elsewhere. Its scores are the same (threshold-masked) scores. Both states share the
-register budget, so a large ``k_aux`` shrinks ``BLOCK_M`` (k=32 with k_aux=256: 16 rows).
+AuxK: with ``dead_mask`` and ``k_aux > 0`` a second state of ``next_pow2(min(k_aux, N))`` keys
+rides the same pass over the tiles (same GEMM), fed with the tile's keys where the latent is dead
+and masked keys elsewhere. Its scores are the same (threshold-masked) scores. Both states share
+the register budget, so a large ``k_aux`` shrinks ``BLOCK_M`` (k=32 with k_aux=256: 16 rows). The
+state is sized from ``k_aux``, never from the number of dead latents, so the compile key does not
+change while latents die, and the launcher needs no host sync.
 """
 
 from __future__ import annotations
@@ -79,6 +81,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from fastsae.kernels._launch import MAX_GRID_YZ, check_same_device, launch
+
 __all__ = ["DEFAULT_STRATEGY", "STRATEGIES", "Blocks", "compile_configs", "select_topk"]
 
 # ---------------------------------------------------------------------------------------------
@@ -89,8 +93,13 @@ __all__ = ["DEFAULT_STRATEGY", "STRATEGIES", "Blocks", "compile_configs", "selec
 STRATEGIES = {"gated_replace_min": 0, "sort_merge": 1, "rounds_of_max": 2}
 # Cheapest per tile in the SASS table above by ~2.7x over sort_merge.
 DEFAULT_STRATEGY = "gated_replace_min"
-# Largest k (and k_aux') taken: a 512-key state already needs BLOCK_M = 16.
+# Largest k (and min(k_aux, d_sae)) the kernel takes: a 512-key state already needs
+# BLOCK_M = 16. Larger ones raise here; the triton backend (fastsae/ops/_triton.py) sends them to
+# the torch path, so no k or k_aux crashes a run (the default k_aux = d_in / 2 is 1152 at 2304).
 MAX_K = 512
+# tl.dot on NVIDIA needs M, N, K >= 16 for every dtype (Triton 3.6 and 3.9): the launcher
+# rejects smaller blocks, so a block config that runs under the interpreter also compiles.
+MIN_DOT_BLOCK = 16
 # Rows per program: the largest power of two <= MAX_BLOCK_M with BLOCK_M * (KP + KAP) <=
 # STATE_BUDGET keys (32 registers per thread at 8 warps). 128 rows = 8 warps x 16 accumulator
 # rows, so a row stays inside one warp and its reductions need no barrier; KP=64 at 128 rows
@@ -108,6 +117,11 @@ BLOCK_K_BYTES = 128
 # spilled 508 B.
 NUM_WARPS = 8
 NUM_STAGES = 3
+# ptxas register cap, passed explicitly (Triton's maxnreg). Left to itself, Triton 3.6's ptxas
+# held the 32 x 64 bf16 k=128 tile to 128 registers (2 CTAs per SM) and spilled 24 B on sm_90;
+# with the cap it takes 146 and spills nothing (Triton 3.9's ptxas: 112-116 either way). The
+# other tiles keep their counts within a few registers (docs/kernels.md has both versions).
+MAX_REGISTERS = 255
 # A gated tile needing more rounds than this takes the sort-merge step: the sort/round column
 # of the table, rounded. KP <= 8 never sorts (r <= KP); KP >= 128 only with a blocks override
 # that makes BLOCK_N >= KP (values from the sort_merge tile cost over the round cost).
@@ -134,6 +148,9 @@ _MASKED_BASE = tl.constexpr((_ORDERED_NEG_INF - 1) * 2**32)
 # no latent's low word (>= 2^32 - N) can equal, so state keys stay unique in their low words too.
 _EMPTY_BASE = tl.constexpr(_ORDERED_NEG_INF * 2**32)
 _LOW_MASK = 0xFFFFFFFF
+# Canonicalised before packing (see _pack_keys): -0.0 -> +0.0, any NaN -> +qNaN (0x7FC00000).
+_NEG_ZERO_BITS = tl.constexpr(-(2**31))
+_CANONICAL_NAN_BITS = tl.constexpr(0x7FC00000)
 # Triton 3.9's interpreter multiplies the raw bits of bf16 tl.dot operands (a 16 x 16 product
 # came out 2.7e10 off), so under the interpreter bf16 operands are widened to fp32 first (exact
 # for the products). Read once, like @triton.jit does; compiled kernels keep bf16 dots.
@@ -148,8 +165,15 @@ _INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 @triton.jit
 def _pack_keys(score, cols, valid):
     """fp32 ``score`` [BM, BN], int64 latent ids ``cols`` [BN] -> unique int64 keys [BM, BN];
-    where ``valid`` is false the key is masked."""
+    where ``valid`` is false the key is masked.
+
+    Canonical first: -0.0 becomes +0.0 (its bits would sort it below +0.0 and break the
+    lower-latent-first rule at zero; an fp64 score under ~1e-45 rounds to a signed zero), and
+    every NaN becomes the positive quiet NaN, which sorts above +inf, as ``torch.topk`` ranks NaN
+    (a negative NaN's bits would sort below -inf, one of them onto the masked sentinel)."""
     bits = score.to(tl.int32, bitcast=True)
+    bits = tl.where(bits == _NEG_ZERO_BITS, 0, bits)
+    bits = tl.where(score != score, _CANONICAL_NAN_BITS, bits)
     ordered = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
     hi = tl.where(valid, ordered, _MASKED_HI)
     return (hi.to(tl.int64) << 32) + (4294967295 - cols)[None, :]
@@ -235,7 +259,7 @@ def _encode_topk_fwd_kernel(
     stride_dead,
     # meta-parameters
     KP: tl.constexpr,  # next_pow2(k): candidates per row per slab
-    KAP: tl.constexpr,  # next_pow2(k_aux'), or 1 when HAS_AUX is off
+    KAP: tl.constexpr,  # next_pow2(min(k_aux, N)), or 1 when HAS_AUX is off
     HAS_THRESHOLD: tl.constexpr,
     HAS_AUX: tl.constexpr,
     STRATEGY: tl.constexpr,  # STRATEGIES[...]
@@ -322,6 +346,17 @@ class Blocks(NamedTuple):
     num_stages: int
 
 
+def check_blocks(blocks: Blocks) -> None:
+    """Blocks valid on hardware: powers of two, M/N/K >= MIN_DOT_BLOCK (the interpreter would
+    take smaller ones that no GPU compile accepts)."""
+    for name in ("block_m", "block_n", "block_k"):
+        size = getattr(blocks, name)
+        if size < MIN_DOT_BLOCK or size & (size - 1):
+            raise ValueError(
+                f"{name}={size} must be a power of two >= {MIN_DOT_BLOCK} (tl.dot on NVIDIA GPUs)"
+            )
+
+
 def blocks_for(kp: int, kap: int, dtype: torch.dtype, strategy: str = DEFAULT_STRATEGY) -> Blocks:
     """Blocks for a main state of ``kp`` keys and an AuxK state of ``kap`` (0: none)."""
     slots = kp + kap
@@ -339,7 +374,8 @@ def _slabs(row_blocks: int, n_tiles: int, num_slabs: int | None) -> tuple[int, i
         num_slabs = min(
             triton.cdiv(TARGET_PROGRAMS, max(row_blocks, 1)), n_tiles // MIN_TILES_PER_SLAB
         )
-    num_slabs = max(1, min(num_slabs, n_tiles))
+    # Slabs are grid dimension 1: at most MAX_GRID_YZ of them, however large d_sae is.
+    num_slabs = max(1, min(num_slabs, n_tiles, MAX_GRID_YZ))
     per_slab = triton.cdiv(n_tiles, num_slabs)
     return triton.cdiv(n_tiles, per_slab), per_slab
 
@@ -362,7 +398,10 @@ def _check_args(x, W_enc, b_enc, k, threshold, dead_mask, k_aux, strategy) -> No
             f"and {W_enc.dtype}"
         )
     if not 1 <= k <= min(n, MAX_K):
-        raise ValueError(f"k={k} must be in [1, min(d_sae={n}, {MAX_K})]")
+        raise ValueError(
+            f"k={k} must be in [1, min(d_sae={n}, MAX_K={MAX_K})] (the triton backend takes "
+            "larger k through the torch path)"
+        )
     if n >= 2**31:
         raise ValueError(f"d_sae={n} must be < 2^31 (latent ids are packed into 32 bits)")
     for name, t in (("b_enc", b_enc), ("threshold", threshold)):
@@ -374,11 +413,14 @@ def _check_args(x, W_enc, b_enc, k, threshold, dead_mask, k_aux, strategy) -> No
         )
     if k_aux < 0:
         raise ValueError(f"k_aux={k_aux} must be >= 0")
+    if dead_mask is not None and min(k_aux, n) > MAX_K:
+        raise ValueError(
+            f"min(k_aux={k_aux}, d_sae={n}) must be <= MAX_K={MAX_K} (the triton backend takes "
+            "larger k_aux through the torch path)"
+        )
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy={strategy!r} must be one of {sorted(STRATEGIES)}")
-    tensors = [t for t in (x, W_enc, b_enc, threshold, dead_mask) if t is not None]
-    if len({t.device for t in tensors}) != 1:
-        raise ValueError(f"inputs are on different devices: {[str(t.device) for t in tensors]}")
+    check_same_device(x, W_enc, b_enc, threshold, dead_mask)
 
 
 def _fwd_plan(
@@ -438,6 +480,7 @@ def _fwd_plan(
         EVEN_K=D % blocks.block_k == 0,
         num_warps=blocks.num_warps,
         num_stages=blocks.num_stages,
+        maxnreg=MAX_REGISTERS,
     )
     return _encode_topk_fwd_kernel, (triton.cdiv(B, blocks.block_m), S), kwargs
 
@@ -478,17 +521,18 @@ def _new_candidates(shape: tuple[int, ...], device: torch.device) -> Tensor:
 
 def _launch_plan(x_in, W_enc, b_enc, k, threshold, dead_mask, k_aux, strategy, num_slabs, blocks):
     """Check, pick blocks and slabs, allocate the candidate buffers. Returns
-    ``((kernel, grid, kwargs), cand, aux, k_aux')`` with ``aux`` None when there is no AuxK."""
+    ``((kernel, grid, kwargs), cand, aux, aux_width)`` with ``aux`` None when there is no AuxK.
+
+    The AuxK state is sized from ``aux_width = min(k_aux, d_sae)``, never from the number of
+    dead latents: the compile key (KAP, BLOCK_M) stays the same while latents die during
+    training, and nothing here reads the dead mask back to the host."""
     _check_args(x_in, W_enc, b_enc, k, threshold, dead_mask, k_aux, strategy)
     B, n = x_in.shape[0], W_enc.shape[1]
-    k_aux_eff = 0
-    if dead_mask is not None and k_aux > 0:
-        k_aux_eff = min(k_aux, int(dead_mask.sum()))
-        if k_aux_eff > MAX_K:
-            raise ValueError(f"k_aux'={k_aux_eff} = min(k_aux, n_dead) must be <= {MAX_K}")
+    aux_width = min(k_aux, n) if dead_mask is not None else 0
     kp = triton.next_power_of_2(k)
-    kap = triton.next_power_of_2(k_aux_eff) if k_aux_eff else 0
+    kap = triton.next_power_of_2(aux_width) if aux_width else 0
     blocks = blocks or blocks_for(kp, kap, x_in.dtype, strategy)
+    check_blocks(blocks)
     if strategy == "sort_merge" and blocks.block_n < max(kp, kap):
         raise ValueError(
             f"sort_merge needs block_n={blocks.block_n} >= next_pow2(k)={max(kp, kap)}"
@@ -510,7 +554,7 @@ def _launch_plan(x_in, W_enc, b_enc, k, threshold, dead_mask, k_aux, strategy, n
         blocks=blocks,
         tiles_per_slab=per_slab,
     )
-    return plan, cand, aux, k_aux_eff
+    return plan, cand, aux, aux_width
 
 
 # ---------------------------------------------------------------------------------------------
@@ -633,11 +677,12 @@ def select_topk(
         x_in: ``[B, d_in]`` float32, bfloat16 or float16 (float64 for oracle tests), any strides.
         W_enc: ``[d_in, d_sae]``, same dtype as ``x_in``, any strides.
         b_enc: ``[d_sae]`` float.
-        k: ``1 <= k <= min(d_sae, 512)``; need not be a power of two.
+        k: ``1 <= k <= min(d_sae, MAX_K = 512)``; need not be a power of two.
         threshold: ``[d_sae]`` float or None.
         dead_mask: ``[d_sae]`` bool or None. With ``k_aux > 0``, the top
-            ``k_aux' = min(k_aux, n_dead)`` scores among dead latents are selected in the same
-            pass (``k_aux' <= 512``; counting the dead latents is one host sync).
+            ``min(k_aux, d_sae)`` scores among dead latents are selected in the same pass
+            (``min(k_aux, d_sae) <= MAX_K``); slots beyond the number of dead latents hold
+            ``-inf``. No host sync: the dead latents are never counted here.
         strategy: one of :data:`STRATEGIES` (all exact; they differ in speed only).
         num_slabs: override the number of ``d_sae`` slabs (tests, benchmarks).
         blocks: override the block sizes (tests, benchmarks).
@@ -646,16 +691,16 @@ def select_topk(
         ``(top, indices, aux_top, aux_indices)``: ``top [B, k]`` float32 scores sorted
         descending (**not** ReLU'd), ``indices [B, k]`` int64. Ties follow fastsae's rule (lower
         latent first). A row with fewer than ``k`` finite scores is padded with ``-inf`` (index
-        0). ``aux_top [B, k_aux']`` / ``aux_indices`` likewise, or ``None, None`` when
-        ``k_aux == 0`` or no latent is dead.
+        0); a NaN score ranks above ``+inf`` (as in ``torch.topk``) and ``-0.0`` ties with
+        ``+0.0``. ``aux_top [B, min(k_aux, d_sae)]`` / ``aux_indices`` likewise (``-inf``
+        padded), or ``None, None`` when ``k_aux == 0`` or ``dead_mask`` is None.
     """
     args = (x_in, W_enc, b_enc, k, threshold, dead_mask, k_aux, strategy, num_slabs, blocks)
-    (kernel, grid, kwargs), cand, aux, k_aux_eff = _launch_plan(*args)
-    if x_in.shape[0] > 0:
-        kernel[grid](**kwargs)
+    plan, cand, aux, aux_width = _launch_plan(*args)
+    launch(plan)
     n = W_enc.shape[1]
     top, indices = _merge(cand, k, n)
     if aux is None:
         return top, indices, None, None
-    aux_top, aux_indices = _merge(aux, k_aux_eff, n)
+    aux_top, aux_indices = _merge(aux, aux_width, n)
     return top, indices, aux_top, aux_indices

@@ -23,7 +23,15 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fastsae.kernels.csr import acc_dtype, block_d, check_index_range, segment_reduce
+from fastsae.kernels._launch import (
+    acc_dtype,
+    check_float,
+    check_index_range,
+    check_same_device,
+    launch,
+    output,
+)
+from fastsae.kernels.csr import block_d, segment_reduce
 
 __all__ = ["sparse_decode"]
 
@@ -81,11 +89,16 @@ def _sparse_decode_fwd_kernel(
     row_mask = rows < B
     col_mask = cols < D
 
+    # Slot j's ids and values are reached by stepping the pointers, never as j * stride: that
+    # product is int32 and wraps once it passes 2^31 (a strided view, a transposed buffer).
+    index_ptrs = indices_ptr + rows * stride_ib
+    value_ptrs = values_ptr + rows * stride_vb
     acc = tl.zeros((BLOCK_B, BLOCK_D), dtype=ACC_DTYPE)
-    for j in range(K):
-        latent = tl.load(indices_ptr + rows * stride_ib + j * stride_ik, mask=row_mask, other=0)
-        coef = tl.load(values_ptr + rows * stride_vb + j * stride_vk, mask=row_mask, other=0)
-        coef = coef.to(ACC_DTYPE)
+    for _ in range(K):
+        latent = tl.load(index_ptrs, mask=row_mask, other=0)
+        coef = tl.load(value_ptrs, mask=row_mask, other=0).to(ACC_DTYPE)
+        index_ptrs += stride_ik
+        value_ptrs += stride_vk
         # A zero value (ReLU'd tail of a top-k row) skips its row load entirely.
         w = tl.load(
             W_ptr + latent[:, None] * stride_wn + cols[None, :] * stride_wd,
@@ -137,7 +150,9 @@ def _sparse_decode_bwd_kernel(
     # A 2-D accumulator, reduced once after the loop: no cross-thread reduction per d tile.
     acc = tl.zeros((BLOCK_P, BLOCK_D), dtype=ACC_DTYPE)
     for d0 in range(0, D, BLOCK_D):
-        cols = d0 + tl.arange(0, BLOCK_D)
+        # int64: cols * stride_wd passes 2^31 for a d-major W_dec (strides (1, N)) once N * D
+        # does, and cols * stride_gd for a column-major grad_out once B * D does.
+        cols = d0 + tl.arange(0, BLOCK_D).to(tl.int64)
         mask = pair_mask[:, None] & (cols < D)[None, :]
         g_offsets = row[:, None] * stride_gb + cols[None, :] * stride_gd
         w_offsets = latent[:, None] * stride_wn + cols[None, :] * stride_wd
@@ -170,12 +185,8 @@ def _check_args(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor | 
         raise ValueError(f"W_dec must be [d_sae, d_out], got {tuple(W_dec.shape)}")
     if b_dec is not None and b_dec.shape != (W_dec.shape[1],):
         raise ValueError(f"b_dec must be [d_out={W_dec.shape[1]}], got {tuple(b_dec.shape)}")
-    tensors = (values, indices, W_dec) + (() if b_dec is None else (b_dec,))
-    if len({t.device for t in tensors}) != 1:
-        raise ValueError(f"inputs are on different devices: {[str(t.device) for t in tensors]}")
-    for name, t in (("values", values), ("W_dec", W_dec), ("b_dec", b_dec)):
-        if t is not None and not t.dtype.is_floating_point:
-            raise ValueError(f"{name} must be a float tensor, got {t.dtype}")
+    check_same_device(values, indices, W_dec, b_dec)
+    check_float(values=values, W_dec=W_dec, b_dec=b_dec)
 
 
 def _out_dtype(values: Tensor, W_dec: Tensor, b_dec: Tensor) -> torch.dtype:
@@ -246,25 +257,13 @@ def _bwd_plan(grad_out: Tensor, indices: Tensor, W: Tensor, grad_values: Tensor)
     return _sparse_decode_bwd_kernel, (triton.cdiv(P, BWD_BLOCK_P),), kwargs
 
 
-def _new_or_check(out: Tensor | None, shape: tuple[int, ...], like: Tensor, dtype: torch.dtype):
-    if out is None:
-        return torch.empty(shape, device=like.device, dtype=dtype)
-    if out.shape != shape or out.dtype != dtype or out.device != like.device:
-        raise ValueError(
-            f"out must be {shape} {dtype} on {like.device}; got {tuple(out.shape)} {out.dtype} "
-            f"on {out.device}"
-        )
-    return out
-
-
 def gather_rows(
     values: Tensor, indices: Tensor, W: Tensor, bias: Tensor | None, out: Tensor
 ) -> Tensor:
     """Launch the forward kernel into ``out [B, D]``: ``sum_j values[b, j] * W[indices[b, j]]``
     (+ ``bias``). ``W`` is any ``[N, D]`` strided view. Shared with the encoder's grad_x."""
     if out.numel() > 0:
-        kernel, grid, kwargs = _fwd_plan(values, indices, W, bias, out)
-        kernel[grid](**kwargs)
+        launch(_fwd_plan(values, indices, W, bias, out))
     return out
 
 
@@ -274,7 +273,7 @@ def _sparse_decode_fwd(
     _check_args(values, indices, W_dec, b_dec)
     check_index_range(indices, W_dec.shape[0])
     shape = (values.shape[0], W_dec.shape[1])
-    out = _new_or_check(out, shape, values, _out_dtype(values, W_dec, b_dec))
+    out = output(out, shape, values, _out_dtype(values, W_dec, b_dec))
     return gather_rows(values, indices, W_dec, b_dec, out)
 
 
@@ -285,10 +284,9 @@ def _sparse_decode_grad_values(
     if grad_out.shape != (values.shape[0], W_dec.shape[1]):
         raise ValueError(f"grad_out must be [B, d_out], got {tuple(grad_out.shape)}")
     check_index_range(indices, W_dec.shape[0])
-    out = _new_or_check(out, tuple(values.shape), values, values.dtype)
+    out = output(out, tuple(values.shape), values, values.dtype)
     if out.numel() > 0:
-        kernel, grid, kwargs = _bwd_plan(grad_out, indices, W_dec, out)
-        kernel[grid](**kwargs)
+        launch(_bwd_plan(grad_out, indices, W_dec, out))
     return out
 
 
@@ -299,7 +297,7 @@ def _sparse_decode_grad_W_dec(
     if grad_out.shape != (values.shape[0], W_dec.shape[1]):
         raise ValueError(f"grad_out must be [B, d_out], got {tuple(grad_out.shape)}")
     check_index_range(indices, W_dec.shape[0])
-    out = _new_or_check(out, tuple(W_dec.shape), W_dec, W_dec.dtype)
+    out = output(out, tuple(W_dec.shape), W_dec, W_dec.dtype)
     segment_reduce(indices, values, grad_out, out)
     return out
 
@@ -375,7 +373,7 @@ def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor)
         values: ``[..., k]`` float32, bfloat16 or float16 (float64 works too, slowly).
         indices: ``[..., k]`` integer latent ids in ``[0, d_sae)``; duplicates within a row are
             summed. Converted to int64 if needed. Checked off the GPU only (see
-            :func:`fastsae.kernels.csr.check_index_range`).
+            :func:`fastsae.kernels._launch.check_index_range`).
         W_dec: ``[d_sae, d_out]``, any strides.
         b_dec: ``[d_out]``.
 

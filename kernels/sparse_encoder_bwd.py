@@ -22,7 +22,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fastsae.kernels.csr import check_index_range, segment_reduce
+from fastsae.kernels._launch import (
+    check_float,
+    check_index_range,
+    check_same_device,
+    output,
+)
+from fastsae.kernels.csr import segment_reduce
 from fastsae.kernels.sparse_decode import gather_rows
 
 __all__ = ["sparse_encoder_backward"]
@@ -54,23 +60,8 @@ def _check_args(x: Tensor, indices: Tensor, grad_pre: Tensor, W_enc: Tensor) -> 
         )
     if indices.dtype != torch.int64:
         raise ValueError(f"indices must be int64, got {indices.dtype}")
-    tensors = (x, indices, grad_pre, W_enc)
-    if len({t.device for t in tensors}) != 1:
-        raise ValueError(f"inputs are on different devices: {[str(t.device) for t in tensors]}")
-    for name, t in (("x", x), ("grad_pre", grad_pre), ("W_enc", W_enc)):
-        if not t.dtype.is_floating_point:
-            raise ValueError(f"{name} must be a float tensor, got {t.dtype}")
-
-
-def _checked_out(out: Tensor | None, shape: tuple[int, ...], like: Tensor, dtype: torch.dtype):
-    if out is None:
-        return torch.empty(shape, device=like.device, dtype=dtype)
-    if out.shape != shape or out.dtype != dtype or out.device != like.device:
-        raise ValueError(
-            f"out must be {shape} {dtype} on {like.device}; got {tuple(out.shape)} {out.dtype} "
-            f"on {out.device}"
-        )
-    return out
+    check_same_device(x, indices, grad_pre, W_enc)
+    check_float(x=x, grad_pre=grad_pre, W_enc=W_enc)
 
 
 def _sparse_encoder_grad_weights(
@@ -86,8 +77,8 @@ def _sparse_encoder_grad_weights(
     _check_args(x, indices, grad_pre, W_enc)
     d_in, n = W_enc.shape
     check_index_range(indices, n)
-    out = _checked_out(out, (n, d_in), W_enc, W_enc.dtype)
-    out_b = _checked_out(out_b, (n,), W_enc, W_enc.dtype)
+    out = output(out, (n, d_in), W_enc, W_enc.dtype)
+    out_b = output(out_b, (n,), W_enc, W_enc.dtype)
     segment_reduce(indices, grad_pre, x, out, out_b)
     return out, out_b
 
@@ -98,7 +89,7 @@ def _sparse_encoder_grad_x(
     """``grad_x [B, d_in]`` in ``x.dtype``."""
     _check_args(x, indices, grad_pre, W_enc)
     check_index_range(indices, W_enc.shape[1])
-    out = _checked_out(out, tuple(x.shape), x, x.dtype)
+    out = output(out, tuple(x.shape), x, x.dtype)
     return gather_rows(grad_pre, indices, W_enc.T, None, out)
 
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from fastsae.kernels import encode_topk as _encode_topk
 from fastsae.kernels import slab_topk as _slab_topk
-from fastsae.kernels.encode_topk import select_topk as _select_topk
 from fastsae.kernels.sparse_decode import sparse_decode as _sparse_decode
 from fastsae.kernels.sparse_encoder_bwd import sparse_encoder_backward as _sparse_encoder_backward
 from fastsae.ops import _torch
@@ -53,14 +53,54 @@ def sparse_encoder_backward(
     return _sparse_encoder_backward(x, indices, grad_pre, W_enc, need_grad_x=need_grad_x)
 
 
-def _select(x_in: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, **kwargs):
-    """The kernel's selection. Its scores are fp32 (the accumulator); for float64 inputs, which
-    only the oracle tests use, they are recomputed in float64 at the selected latents so that
-    values match the oracle to float64 precision."""
-    top, idx, aux_top, aux_idx = _select_topk(x_in, W_enc, b_enc, k, **kwargs)
+def _select(
+    x_in: Tensor,
+    W_enc: Tensor,
+    b_enc: Tensor,
+    k: int,
+    *,
+    threshold: Tensor | None = None,
+    dead_mask: Tensor | None = None,
+    k_aux: int = 0,
+):
+    """The kernel's selection, with the semantics of :func:`fastsae.ops._torch.select_topk`.
+
+    - ``k`` above the kernel's ``MAX_K`` (JumpReLU and BatchTopK widen their candidate count
+      until no row is cut off) goes to the torch path, which takes any ``k``.
+    - AuxK with ``min(k_aux, d_sae)`` above ``MAX_K`` (the default ``k_aux = d_in / 2`` is 1152
+      at d_in = 2304) runs in its own pass over the dead latents on the torch path; the main
+      selection stays on the kernel.
+    - The kernel returns ``min(k_aux, d_sae)`` AuxK slots; they are trimmed to
+      ``min(k_aux, n_dead)`` (``None`` when no latent is dead), the width the other backends
+      return. Counting the dead latents is this function's one host sync.
+    - Scores are fp32 (the accumulator); for float64 inputs, which only the oracle tests use,
+      they are recomputed in float64 at the selected latents so that values match the oracle to
+      float64 precision.
+    """
+    n = W_enc.shape[1]
+    want_aux = dead_mask is not None and k_aux > 0
+    if k > _encode_topk.MAX_K:
+        return _torch.select_topk(
+            x_in, W_enc, b_enc, k, threshold=threshold, dead_mask=dead_mask, k_aux=k_aux
+        )
+    aux_on_torch = want_aux and min(k_aux, n) > _encode_topk.MAX_K
+    kernel_aux = {} if aux_on_torch or not want_aux else dict(dead_mask=dead_mask, k_aux=k_aux)
+    top, idx, aux_top, aux_idx = _encode_topk.select_topk(
+        x_in, W_enc, b_enc, k, threshold=threshold, **kernel_aux
+    )
     if x_in.dtype == torch.float64:
         top = _rescore(x_in, W_enc, b_enc, idx, top)
-        if aux_idx is not None:
+    if aux_on_torch:
+        _, _, aux_top, aux_idx = _torch.select_topk(
+            x_in, W_enc, b_enc, 1, threshold=threshold, dead_mask=dead_mask, k_aux=k_aux
+        )
+        return top, idx, aux_top, aux_idx
+    if aux_idx is not None:
+        n_dead = int(dead_mask.sum())
+        if n_dead == 0:
+            return top, idx, None, None
+        aux_top, aux_idx = aux_top[:, :n_dead], aux_idx[:, :n_dead]
+        if x_in.dtype == torch.float64:
             aux_top = _rescore(x_in, W_enc, b_enc, aux_idx, aux_top)
     return top, idx, aux_top, aux_idx
 

@@ -50,13 +50,55 @@ def test_every_kernel_compiles_for(target, check_output):
         assert any(launch in line and target in line for line in check_output.splitlines())
 
 
+def _rows(check_output: str) -> list[list[str]]:
+    """Table rows, split on whitespace: ... target dtype regs spills shared mma meta (read them
+    from the right: launch labels have spaces)."""
+    return [line.split() for line in check_output.splitlines() if line.startswith("_")]
+
+
 def test_check_reports_registers_and_no_failures(check_output):
-    data = [line.split() for line in check_output.splitlines() if line.startswith("_")]
+    data = _rows(check_output)
     assert data
-    for row in data:  # ... regs spills shared meta: read from the right (labels have spaces)
-        regs, spills, shared = int(row[-4]), int(row[-3]), int(row[-2])
+    assert check_output.startswith("triton "), "the table names the Triton version"
+    for row in data:
+        regs, spills, shared = int(row[-5]), int(row[-4]), int(row[-3])
         assert 0 < regs <= 255 and spills >= 0 and shared >= 0, row
     assert "FAILED" not in check_output
     summary = [line for line in check_output.splitlines() if "compiled in" in line]
     done, total = summary[0].split()[0].split("/")
     assert done == total
+
+
+def test_no_spills_on_sm90(check_output):
+    """Acceptance of issue 13: no kernel spills on sm_90 in the launchers' configurations."""
+    spilling = [row for row in _rows(check_output) if "sm_90" in row and int(row[-4]) > 0]
+    assert spilling == []
+
+
+def test_bf16_dots_compile_to_tensor_cores(check_output):
+    """The bf16 tensor-core path, which the interpreter cannot run (it widens bf16 dots to
+    fp32): every bf16 encode_topk compile must contain a bf16 MMA (wgmma for the default k=32
+    tiles on sm_90; mma.sync where BLOCK_M < 64 or on sm_80); fp32 inputs use tf32 MMAs
+    (tf32x3), and the gather kernels none."""
+    rows = _rows(check_output)
+    fused = [row for row in rows if row[0] == "_encode_topk_fwd_kernel"]
+    assert fused
+    for row in fused:
+        operand = "bf16" if "bf16" in row else "tf32"
+        assert f"mma.{operand}" in row[-2], row
+        default_tile = "128x64x64" in row or "128x64x32" in row
+        if "sm_90" in row and default_tile:
+            assert f"wgmma.{operand}" in row[-2], row
+    for row in rows:
+        if row[0] != "_encode_topk_fwd_kernel":
+            assert row[-2] == "-", row
+
+
+def test_both_triton_versions_are_checked_in_ci():
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    with open(os.path.join(root, ".ci", "run")) as f:
+        ci = f.read()
+    assert "scripts/compile_check_triton36.sh" in ci
+    assert os.access(os.path.join(root, "scripts", "compile_check_triton36.sh"), os.X_OK)
+    with open(os.path.join(root, "pyproject.toml")) as f:
+        assert "triton>=3.6,<4" in f.read()

@@ -1,7 +1,8 @@
 """kernels/encode_topk.py against the float64 oracles in :mod:`fastsae.reference`.
 
 Runs under ``TRITON_INTERPRET=1`` on CPU (set before Triton is imported), or on CUDA when there
-is a GPU. Shapes stay tiny (B <= 16, d_in <= 24, d_sae <= 96) and the blocks are shrunk so that
+is a GPU. Shapes stay tiny (B <= 40, d_in <= 40, d_sae <= 96) and the blocks are the smallest a
+GPU compiles (``tl.dot`` needs M, N, K >= 16 on NVIDIA; the launcher rejects less), so that
 they still give several row blocks, slabs, tiles per slab and K steps: the interpreter's cost
 grows with the number of Triton ops it runs, not with the tile sizes.
 
@@ -132,14 +133,15 @@ def _check_topk(top, idx, scores, k, *, exact: bool):
 # ---------------------------------------------------------------------------------------------
 
 shapes = st.tuples(
-    st.integers(1, 16),  # B
-    st.integers(1, 24),  # d_in
+    st.integers(1, 40),  # B
+    st.integers(1, 40),  # d_in
     st.integers(1, 96),  # d_sae
 )
+# Every block a GPU compiles too (>= 16 for tl.dot), as the launcher enforces.
 layouts = st.tuples(
-    st.sampled_from([4, 8, 16]),  # BLOCK_M
+    st.sampled_from([16, 32]),  # BLOCK_M
     st.sampled_from([16, 32]),  # BLOCK_N (raised to KP)
-    st.sampled_from([4, 8, 32]),  # BLOCK_K
+    st.sampled_from([16, 32]),  # BLOCK_K
     st.sampled_from([None, 1, 2, 3]),  # num_slabs
 )
 
@@ -213,9 +215,8 @@ def test_auxk_mode(shape, k, k_aux, dead_frac, layout, strategy, with_threshold,
     dead = (torch.rand(n, generator=g) < dead_frac).to(DEVICE)
     threshold = torch.rand(n, generator=g, dtype=torch.float64).to(DEVICE)
     threshold = threshold if with_threshold else None
-    n_dead = int(dead.sum())
-    k_eff = min(k_aux, n_dead)
-    kp = 1 << (max(k, k_eff) - 1).bit_length()
+    width = min(k_aux, n)  # AuxK slots: fixed by k_aux, not by the dead count
+    kp = 1 << (max(k, width) - 1).bit_length()
     top, idx, aux_top, aux_idx = _select(
         x,
         W,
@@ -230,11 +231,9 @@ def test_auxk_mode(shape, k, k_aux, dead_frac, layout, strategy, with_threshold,
     )
     scores = _scores(x, W, b, threshold)
     _check_topk(top, idx, scores, k, exact=True)
-    if n_dead == 0:
-        assert aux_top is None and aux_idx is None
-        return
+    # Slots past the number of dead latents are -inf padding (checked by _check_topk).
     dead_scores = torch.where(dead.cpu(), scores, float("-inf"))
-    _check_topk(aux_top, aux_idx, dead_scores, k_eff, exact=True)
+    _check_topk(aux_top, aux_idx, dead_scores, width, exact=True)
     finite = torch.isfinite(aux_top.cpu())
     assert dead.cpu()[aux_idx.cpu()[finite]].all(), "an AuxK latent is not dead"
 
@@ -251,7 +250,7 @@ def test_low_precision_inputs(dtype, strategy, seed):
     inputs with fp32 tolerances (the only error left is the fp32 summation and bias add)."""
     x, W, b = _problem(13, 21, 77, dtype=dtype, seed=seed)
     k = 9
-    blocks = _blocks(16, 8, 16, 8, strategy)
+    blocks = _blocks(16, 16, 16, 16, strategy)
     top, idx, _, _ = _select(x, W, b, k, strategy=strategy, num_slabs=2, blocks=blocks)
     _check_topk(top, idx, _scores(x, W, b), k, exact=False)
 
@@ -272,7 +271,7 @@ def test_strided_inputs(seed):
     x = x_wide[:, ::2]
     W = W_t[:11].T.contiguous().T  # [11, 40] stored as [40, 11]
     assert W.stride() == (1, 11)
-    top, idx, _, _ = _select(x, W, b, 6, blocks=_blocks(8, 4, 16, 4), num_slabs=2)
+    top, idx, _, _ = _select(x, W, b, 6, blocks=_blocks(8, 16, 16, 16), num_slabs=2)
     _check_topk(top, idx, _scores(x, W, b), 6, exact=True)
 
 
@@ -282,7 +281,7 @@ def test_heavy_ties_every_score_equal():
     W = torch.zeros(3, 50, dtype=torch.float64, device=DEVICE)
     b = torch.full((50,), 2.0, dtype=torch.float64, device=DEVICE)
     for strategy in STRATEGIES:
-        blocks = _blocks(8, 4, 16, 4, strategy)
+        blocks = _blocks(8, 16, 16, 16, strategy)
         top, idx, _, _ = _select(x, W, b, 7, strategy=strategy, blocks=blocks)
         _check_topk(top, idx, _scores(x, W, b), 7, exact=True)
 
@@ -298,7 +297,7 @@ def test_adversarial_increasing_scores(k, strategy):
     W = torch.stack([torch.arange(n, dtype=torch.float64), torch.ones(n, dtype=torch.float64)])
     W, b = W.to(DEVICE), torch.zeros(n, dtype=torch.float64, device=DEVICE)
     kp = 1 << (k - 1).bit_length()
-    blocks = _blocks(kp, 4, 16, 4, strategy)
+    blocks = _blocks(kp, 16, 16, 16, strategy)
     top, idx, _, _ = _select(x, W, b, k, strategy=strategy, num_slabs=1, blocks=blocks)
     _check_topk(top, idx, _scores(x, W, b), k, exact=True)
 
@@ -307,7 +306,7 @@ def test_ties_follow_lower_index_rule(seed):
     """The documented rule: among equal scores the lower latent id wins, as in the oracle."""
     x, W, b = _problem(11, 4, 60, dtype=torch.float64, seed=seed, integer=True)
     k = 10
-    top, idx, _, _ = _select(x, W, b, k, blocks=_blocks(16, 8, 16, 4), num_slabs=3)
+    top, idx, _, _ = _select(x, W, b, k, blocks=_blocks(16, 16, 16, 16), num_slabs=3)
     _, expected = torch.sort(_scores(x, W, b), dim=1, descending=True, stable=True)
     assert torch.equal(idx.cpu(), expected[:, :k])
 
@@ -318,10 +317,14 @@ def test_empty_batch():
     assert top.shape == (0, 3) and idx.shape == (0, 3)
 
 
-def test_no_aux_without_dead_latents():
+def test_aux_without_dead_latents_is_padding():
+    """No dead latent: every AuxK slot is -inf padding (the kernel does not count the dead
+    latents, so the width stays min(k_aux, d_sae)); k_aux = 0: no AuxK at all."""
     x, W, b = _problem(3, 4, 20, dtype=torch.float64, seed=0)
     dead = torch.zeros(20, dtype=torch.bool, device=DEVICE)
-    assert _select(x, W, b, 3, dead_mask=dead, k_aux=4)[2:] == (None, None)
+    _, _, aux_top, aux_idx = _select(x, W, b, 3, dead_mask=dead, k_aux=4)
+    assert aux_top.shape == aux_idx.shape == (3, 4)
+    assert torch.isneginf(aux_top).all()
     assert _select(x, W, b, 3, dead_mask=~dead, k_aux=0)[2:] == (None, None)
 
 
@@ -330,6 +333,9 @@ def test_no_aux_without_dead_latents():
     [
         (dict(k=0), "k=0"),
         (dict(k=21), "k=21"),
+        (dict(blocks=et.Blocks(8, 16, 16, 8, 3)), "block_m=8"),
+        (dict(blocks=et.Blocks(16, 16, 8, 8, 3)), "block_k=8"),
+        (dict(blocks=et.Blocks(16, 24, 16, 8, 3)), "block_n=24"),
         (dict(W_dtype=torch.float32), "share one of"),
         (dict(strategy="heap"), "strategy='heap'"),
         (dict(threshold=torch.zeros(19, dtype=torch.float64)), "threshold"),
@@ -347,3 +353,162 @@ def test_bad_arguments_fail_early(change, message):
     k = kwargs.pop("k")
     with pytest.raises(ValueError, match=message):
         et.select_topk(x, W, b, k, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 13: compile keys, signed zeros and NaN, grid limits, large k / k_aux
+# ---------------------------------------------------------------------------------------------
+
+
+def _meta(kernel_plan):
+    """Everything but the tensors (constexprs, sizes, strides, launch options) and the grid: a
+    superset of what decides a compile."""
+    _, grid, kwargs = kernel_plan
+    return {k: v for k, v in kwargs.items() if not isinstance(v, torch.Tensor)}, grid
+
+
+@pytest.mark.parametrize("k_aux", [3, 40, 256])
+def test_aux_compile_key_does_not_depend_on_the_dead_count(k_aux):
+    """Latents die during training: the specialisation (KAP, blocks, grid) must stay the same,
+    or every new power of two of dead latents compiles a fresh kernel mid-run."""
+    x, W, b = _problem(4, 8, 300, dtype=torch.float32, seed=0)
+    metas = []
+    for n_dead in (0, 1, 5, 17, 120, 300):
+        dead = torch.zeros(300, dtype=torch.bool, device=DEVICE)
+        dead[:n_dead] = True
+        args = (x, W, b, 8, None, dead, k_aux, et.DEFAULT_STRATEGY, None, None)
+        plan, _, aux, width = et._launch_plan(*args)
+        assert width == min(k_aux, 300) and aux.shape[2] == 1 << (width - 1).bit_length()
+        metas.append(_meta(plan))
+    assert all(m == metas[0] for m in metas), "the compile key changed with the dead count"
+
+
+def test_aux_launch_never_reads_the_dead_mask_back():
+    """No host sync on the dead mask in the kernel's launcher (it blocked CUDA graphs and
+    stalled the stream every step)."""
+
+    class NoSync(torch.Tensor):
+        def __bool__(self):
+            raise AssertionError("host sync: bool(dead_mask ...)")
+
+        def __int__(self):
+            raise AssertionError("host sync: int(dead_mask ...)")
+
+        def item(self):
+            raise AssertionError("host sync: dead_mask....item()")
+
+    x, W, b = _problem(3, 4, 40, dtype=torch.float64, seed=0)
+    dead = (torch.arange(40, device=DEVICE) % 3 == 0).as_subclass(NoSync)
+    args = (x, W, b, 4, None, dead, 6, et.DEFAULT_STRATEGY, None, None)
+    et._launch_plan(*args)
+
+
+def test_negative_zero_ties_with_positive_zero():
+    """fp64 scores of +-1e-300 round to +0.0 and -0.0 in fp32: equal scores, so the lower latent
+    wins. Unfixed, -0.0's bits sorted it below +0.0 and latent 1 won."""
+    x = torch.zeros(2, 1, dtype=torch.float64, device=DEVICE)
+    W = torch.zeros(1, 4, dtype=torch.float64, device=DEVICE)
+    b = torch.tensor([-1e-300, 1e-300, -1.0, -2.0], dtype=torch.float64, device=DEVICE)
+    top, idx, _, _ = _select(x, W, b, 1, blocks=_blocks(1, 16, 16, 16))
+    assert idx.cpu().tolist() == [[0], [0]]
+    assert top.cpu().tolist() == [[0.0], [0.0]]
+
+
+def test_nan_scores_rank_above_inf_whatever_their_sign():
+    """A NaN score is selected first, as torch.topk ranks NaN; its sign bit does not matter (a
+    negative NaN used to sort below -inf, 0xFF800001 exactly onto the masked sentinel)."""
+    nan_bits = torch.tensor([0x7FC00000, -0x00400000, -0x007FFFFF], dtype=torch.int32)
+    nans = nan_bits.view(torch.float32).double()  # +qNaN, -qNaN (0xFFC00000), 0xFF800001
+    x = torch.zeros(1, 1, dtype=torch.float64, device=DEVICE)
+    W = torch.zeros(1, 6, dtype=torch.float64, device=DEVICE)
+    for nan in nans:
+        b = torch.tensor([1.0, 3.0, 0.0, 2.0, 0.0, float("inf")], dtype=torch.float64)
+        b[4] = nan
+        top, idx, _, _ = _select(x, W, b.to(DEVICE), 3, blocks=_blocks(4, 16, 16, 16))
+        assert idx.cpu().tolist() == [[4, 5, 1]], f"NaN bits {nan}"
+        assert top[0, 0].isnan() and top[0, 1] == float("inf")
+        assert torch.sort(
+            torch.tensor([1.0, 3.0, 0.0, 2.0, nan, float("inf")]), descending=True
+        ).indices[:3].tolist() == [4, 5, 1], "torch.topk ranks NaN first"
+
+
+def test_num_slabs_respects_the_grid_limit():
+    """Slabs are grid dimension 1 (CUDA caps it at 65535)."""
+    for requested in (None, 10**6):
+        S, per_slab = et._slabs(1, 4 * 10**6, requested)
+        assert S <= 65535 and S * per_slab >= 4 * 10**6
+
+
+def test_block_sizes_must_compile_on_a_gpu():
+    et.check_blocks(et.Blocks(16, 16, 16, 8, 3))
+    with pytest.raises(ValueError, match="block_k=4"):
+        et.check_blocks(et.Blocks(16, 16, 4, 8, 3))
+    for kp in (1, 16, 64, 512):
+        for dtype in (torch.float32, torch.bfloat16, torch.float64):
+            et.check_blocks(et.blocks_for(kp, 0, dtype))
+
+
+# ---------------------------------------------------------------------------------------------
+# Through the ops layer: no k or k_aux crashes the triton backend
+# ---------------------------------------------------------------------------------------------
+
+
+def _ops_problem(B, d, n, seed):
+    x, W, b = _problem(B, d, n, dtype=torch.float64, seed=seed)
+    return x, W, b, ref.pre_activations(x.cpu(), W.cpu(), b.cpu())
+
+
+@pytest.mark.parametrize("n_dead", [0, 3, 30])
+def test_auxk_past_max_k_falls_back(n_dead, monkeypatch):
+    """min(k_aux, n_dead) > MAX_K raised mid-training (default k_aux = d_in / 2). MAX_K is
+    patched small so the interpreter stays fast; the AuxK pass moves to the torch path."""
+    from fastsae import ops
+
+    monkeypatch.setattr(et, "MAX_K", 8)
+    x, W, b, pre = _ops_problem(5, 6, 48, seed=1)
+    dead = torch.zeros(48, dtype=torch.bool)
+    dead[torch.randperm(48, generator=torch.Generator().manual_seed(0))[:n_dead]] = True
+    with ops.use_backend("triton"):
+        out = ops.encode_topk(x, W, b, 4, dead_mask=dead.to(DEVICE), k_aux=20)
+    want_v, _ = ref.topk(pre, 4)
+    assert_close(out.values.cpu(), want_v)
+    assert_close(pre.gather(1, out.indices.cpu()).clamp(min=0), want_v)
+    if n_dead == 0:
+        assert out.aux_values is None
+        return
+    dead_pre = torch.where(dead, pre, float("-inf"))
+    aux_top = torch.sort(dead_pre, dim=1, descending=True).values[:, : min(20, n_dead)]
+    assert out.aux_values.shape == (5, min(20, n_dead))
+    assert_close(out.aux_values.cpu(), aux_top.clamp(min=0))
+    assert dead[out.aux_indices.cpu()].all()
+
+
+def test_auxk_real_default_width_does_not_crash():
+    """The unpatched cap: k_aux = 1152 (d_in = 2304's default) with 600 dead latents."""
+    from fastsae import ops
+
+    n = 1200
+    x, W, b, pre = _ops_problem(2, 3, n, seed=2)
+    dead = torch.arange(n) % 2 == 0
+    with ops.use_backend("triton"):
+        out = ops.encode_topk(x, W, b, 3, dead_mask=dead.to(DEVICE), k_aux=1152)
+    assert out.aux_values.shape == (2, 600)
+    want = torch.sort(torch.where(dead, pre, float("-inf")), dim=1, descending=True).values
+    assert_close(out.aux_values.cpu(), want[:, :600].clamp(min=0))
+
+
+def test_jumprelu_and_batch_topk_widen_past_max_k(monkeypatch):
+    """JumpReLU doubles its cap and BatchTopK its candidate count until no row is cut off; both
+    passed MAX_K and raised."""
+    from fastsae import ops
+
+    monkeypatch.setattr(et, "MAX_K", 4)
+    x, W, b, pre = _ops_problem(3, 4, 40, seed=3)
+    threshold = torch.zeros(40, dtype=torch.float64)  # every positive latent passes: ~20 > 4
+    with ops.use_backend("triton"):
+        codes = ops.encode_jumprelu(x, W, b, threshold.to(DEVICE), k_cap=2)
+        batch = ops.encode_batch_topk(x, W, b, 12.0)
+    dense = ref.sparse_to_dense(codes.values.cpu(), codes.indices.cpu(), 40)
+    assert_close(dense, torch.where(pre > threshold, pre, 0.0))
+    got = ref.sparse_to_dense(batch.values.cpu(), batch.indices.cpu(), 40)
+    assert_close(got, ref.batch_topk(pre, 12.0))

@@ -7,6 +7,8 @@ is a GPU. Shapes stay tiny: the interpreter runs every program in Python.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from contextlib import contextmanager
 from unittest import mock
 
@@ -38,7 +40,9 @@ def _tiles(small: bool):
         yield
         return
     with (
-        mock.patch.multiple(csr, MAX_BLOCK_D=16, SEGMENT_BLOCK_E=4),
+        mock.patch.multiple(
+            csr, MAX_BLOCK_D=16, SEGMENT_BLOCK_E=4, SPLIT_ENTRIES=5, LATENTS_PER_PROGRAM=3
+        ),
         mock.patch.multiple(sd, FWD_BLOCK_B=4, BWD_BLOCK_P=4),
     ):
         yield
@@ -235,3 +239,57 @@ def test_ops_layer_dispatches_here(seed):
     with ops.use_backend("triton"):
         out = ops.sparse_decode(values, indices, W_dec, b_dec)
     assert_close(out.cpu(), ref.sparse_decode(values, indices, W_dec, b_dec).cpu())
+
+
+# Run in a child process: with int32 offsets the kernel reads ~4 GiB before the buffer, which
+# may fault instead of returning a wrong number. The 4 GiB buffers are never touched beyond a few
+# elements, so they cost address space, not memory (no copy: the interpreter reuses CPU storage).
+_HUGE_STRIDE_SCRIPT = r"""
+import os
+os.environ["TRITON_INTERPRET"] = "1"
+import torch
+from fastsae.kernels import sparse_decode as sd
+
+S = 2**30 + 1  # slot / column 2 sits 2 * S = 2^31 + 2 elements in: past int32
+
+
+def strided(values, rows, cols):
+    # [rows, cols] fp16 view with strides (1, S) of a mostly untouched 4 GiB buffer.
+    view = torch.empty((cols - 1) * S + rows, dtype=torch.float16).as_strided((rows, cols), (1, S))
+    view.copy_(values)
+    return view
+
+
+vals = torch.tensor([[1.0, 2.0, 3.0]])
+idx = torch.tensor([[2, 0, 1]])
+W = torch.tensor([[1.0, 2.0, 4.0], [8.0, 16.0, 32.0], [64.0, 128.0, 256.0]])
+g = torch.tensor([[1.0, -1.0, 0.5]])
+out = sd._sparse_decode_fwd(strided(vals, 1, 3), idx, W, torch.zeros(3))
+assert torch.equal(out, vals @ W[idx[0]]), out
+# W_dec d-major (strides (1, n)): cols * stride_wd passes 2^31.
+gv = sd._sparse_decode_grad_values(g, vals, idx, strided(W, 3, 3))
+assert torch.equal(gv, (W[idx[0]] @ g[0])[None]), gv
+# grad_out column-major: cols * stride_gd passes 2^31.
+gv = sd._sparse_decode_grad_values(strided(g, 1, 3), vals, idx, W)
+assert torch.equal(gv, (W[idx[0]] @ g[0])[None]), gv
+gW = sd._sparse_decode_grad_W_dec(strided(g, 1, 3), vals, idx, W)
+assert torch.equal(gW, torch.zeros(3, 1).index_add_(0, idx[0], vals[0, :, None]) * g), gW
+print("ok")
+"""
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="interpreter test: a stride layout on a CPU buffer")
+def test_offsets_past_int32_use_int64():
+    """Strides whose products with a slot or column index pass 2^31 (docs/kernels.md: every
+    offset is int64). Exact small-integer values, so equality is exact."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    result = subprocess.run(
+        [sys.executable, "-c", _HUGE_STRIDE_SCRIPT],
+        env=env,
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0 and "ok" in result.stdout, result.stdout + result.stderr

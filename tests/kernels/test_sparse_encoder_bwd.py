@@ -40,7 +40,9 @@ def _tiles(small: bool):
         yield
         return
     with (
-        mock.patch.multiple(csr, MAX_BLOCK_D=16, SEGMENT_BLOCK_E=4),
+        mock.patch.multiple(
+            csr, MAX_BLOCK_D=16, SEGMENT_BLOCK_E=4, SPLIT_ENTRIES=5, LATENTS_PER_PROGRAM=3
+        ),
         mock.patch.multiple(sd, FWD_BLOCK_B=4, BWD_BLOCK_P=4),
     ):
         yield
@@ -224,3 +226,33 @@ def test_ops_layer_dispatches_here():
 
     name, fn = ops.implementation_of("sparse_encoder_backward", "triton")
     assert (name, fn) == ("triton", _triton.sparse_encoder_backward)
+
+
+@pytest.mark.parametrize("split", [5, 7, 1000])
+def test_hot_latents_are_split_deterministically(split, seed):
+    """A latent hit by every row (and twice in some rows) is reduced in chunks of ``split``
+    entries plus an ordered merge, grad_b_enc included: equal to the oracles, every element of
+    the poisoned outputs written, and bitwise equal across calls."""
+    x, indices, grad_pre, W_enc = _problem(13, 4, 9, 6, dtype=torch.float64, seed=seed)
+    indices[:, 0] = 2  # 13 entries of latent 2
+    indices[::3, 1] = 2  # and 5 more
+    indices[:, 2] = 5  # another hot one
+    with (
+        mock.patch.multiple(csr, SPLIT_ENTRIES=split, LATENTS_PER_PROGRAM=2, SEGMENT_BLOCK_E=4),
+    ):
+        _check_launchers(x, indices, grad_pre, W_enc)
+        first = seb._sparse_encoder_grad_weights(x, indices, grad_pre, W_enc)
+        again = seb._sparse_encoder_grad_weights(x, indices, grad_pre, W_enc)
+        if split < 13:  # both segments (18 and 13 entries) are chunked
+            offsets = csr.csr_by_latent(indices, 9).offsets
+            hot, bounds, _, _ = csr._hot_chunks(offsets, indices.numel())
+            assert set(hot[bounds[1:] > bounds[:-1]].tolist()) == {2, 5}
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+
+
+def test_hot_latent_with_few_latents(seed):
+    """n = 1: every entry in one segment, more chunks than 2 * min(n, ...) + 1 slots (the chunk
+    buffer was sized from the capped hot count and the merge read past it)."""
+    x, indices, grad_pre, W_enc = _problem(12, 7, 1, 5, dtype=torch.float64, seed=seed)
+    with mock.patch.multiple(csr, SPLIT_ENTRIES=5, LATENTS_PER_PROGRAM=2, SEGMENT_BLOCK_E=4):
+        _check_launchers(x, indices, grad_pre, W_enc)
