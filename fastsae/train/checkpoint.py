@@ -65,9 +65,9 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
 
 def _trainer_tensors(trainer) -> dict[str, torch.Tensor]:
     tensors: dict[str, torch.Tensor] = {}
-    for name, t in trainer.sae.state_dict().items():
+    for name, t in trainer.scaled_sae.state_dict().items():
         tensors[f"sae/{name}"] = t
-    for name, p in trainer.sae.named_parameters():
+    for name, p in trainer.scaled_sae.named_parameters():
         for key, value in trainer.optimizer_of[p].state.get(p, {}).items():
             if isinstance(value, torch.Tensor):
                 tensors[f"optim/{name}/{key}"] = value
@@ -140,8 +140,8 @@ def load_checkpoint(trainer, path: str | Path) -> dict[str, Any]:
     meta, tensors = read_checkpoint(path)
     with torch.no_grad():
         state = {k.removeprefix("sae/"): v for k, v in tensors.items() if k.startswith("sae/")}
-        trainer.sae.load_state_dict(state, strict=True)
-        params = dict(trainer.sae.named_parameters())
+        trainer.scaled_sae.load_state_dict(state, strict=True)
+        params = dict(trainer.scaled_sae.named_parameters())
         for opt in trainer.optimizers:
             opt.state.clear()
         for key, value in tensors.items():

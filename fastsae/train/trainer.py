@@ -73,7 +73,12 @@ def geometric_median(points: Tensor, iterations: int = 100, tol: float = 1e-6) -
 
 
 class Trainer:
-    """Owns the SAE, its Adam optimizer and the training statistics. See the module docstring."""
+    """Owns the SAE, its Adam optimizer and the training statistics. See the module docstring.
+
+    Two views of the SAE: :attr:`sae` reads raw activations (eval mode, the input scaling folded
+    in, what :meth:`save_sae` writes); :attr:`scaled_sae` is the module being trained, which reads
+    activations multiplied by :attr:`in_scale` (so that ``E||x|| = sqrt(d_in)``).
+    """
 
     def __init__(
         self,
@@ -113,9 +118,9 @@ class Trainer:
             hook_name_out=hook_name_out,
             model_name=model_name,
         )
-        self.sae: SAE = SAE.from_config(sae_cfg)
-        self.sae.reset_parameters(torch.Generator().manual_seed(cfg.seed))
-        self.sae.to(self.device)
+        self.scaled_sae: SAE = SAE.from_config(sae_cfg)
+        self.scaled_sae.reset_parameters(torch.Generator().manual_seed(cfg.seed))
+        self.scaled_sae.to(self.device)
         self.optimizer_in_backward = bool(cfg.optimizer_in_backward)
         if cfg.optimizer_in_backward is None:
             from fastsae.train.memory import available_bytes, estimate
@@ -144,7 +149,7 @@ class Trainer:
             "betas": (cfg.beta1, cfg.beta2),
             **_adam_impl(self.device),
         }
-        params = list(self.sae.parameters())
+        params = list(self.scaled_sae.parameters())
         if not self.optimizer_in_backward:
             self.optimizers = [torch.optim.Adam(params, **kwargs)]
             self.optimizer_of = {p: self.optimizers[0] for p in params}
@@ -156,8 +161,8 @@ class Trainer:
 
     @torch.no_grad()
     def _step_in_backward(self, p: Tensor) -> None:
-        if p is self.sae.W_dec and self.cfg.decoder_normalized:
-            _remove_parallel_decoder_grad(self.sae)
+        if p is self.scaled_sae.W_dec and self.cfg.decoder_normalized:
+            _remove_parallel_decoder_grad(self.scaled_sae)
         self.optimizer_of[p].step()
         p.grad = None
 
@@ -166,7 +171,7 @@ class Trainer:
     @torch.no_grad()
     def initialize(self, x: Tensor, y: Tensor | None = None) -> None:
         """Data-dependent initialisation from a sample: input-norm scales and ``b_dec``."""
-        cfg, sae = self.cfg, self.sae
+        cfg, sae = self.cfg, self.scaled_sae
         x = x.to(self.device, torch.float64)
         y = x if y is None else y.to(self.device, torch.float64)
         if cfg.normalize_activations:
@@ -215,7 +220,7 @@ class Trainer:
 
     def step(self, x: Tensor, y: Tensor | None = None) -> dict[str, float]:
         """One optimizer step on ``x [B, d_in]`` (and target ``y [B, d_out]`` for transcoders)."""
-        cfg, sae = self.cfg, self.sae
+        cfg, sae = self.cfg, self.scaled_sae
         if x.ndim != 2 or x.shape[1] != sae.d_in:
             raise ValueError(f"x has shape {tuple(x.shape)}; expected [B, {sae.d_in}]")
         if sae.d_out != sae.d_in and y is None:
@@ -262,7 +267,7 @@ class Trainer:
 
     @torch.no_grad()
     def _after_update(self, out) -> None:
-        cfg, sae = self.cfg, self.sae
+        cfg, sae = self.cfg, self.scaled_sae
         if cfg.decoder_normalized:
             sae.W_dec.div_(sae.W_dec.norm(dim=-1, keepdim=True).clamp(min=1e-8))
         if cfg.architecture == "jumprelu":
@@ -314,11 +319,23 @@ class Trainer:
         """Fraction of counted tokens on which each latent fired: ``[d_sae]``."""
         return self.fire_counts.double().cpu() / max(self.counted_tokens, 1)
 
+    @property
+    def sae(self) -> SAE:
+        """The SAE in the activations' own units, in eval mode: ``trainer.sae.encode(x)`` on raw
+        activations gives the codes the saved SAE gives. A read-only view, rebuilt after each
+        step (editing it does not change training); the module being trained, which reads
+        inputs multiplied by ``in_scale``, is :attr:`scaled_sae`."""
+        key = (self.step_count, self.initialized)
+        if getattr(self, "_view_key", None) != key:
+            self._view = self.inference_sae()
+            self._view_key = key
+        return self._view
+
     @torch.no_grad()
     def inference_sae(self) -> SAE:
         """A copy of the SAE with the input/output scaling folded into its weights, in eval mode:
         it reads and writes activations in the model's own units."""
-        sae = copy.deepcopy(self.sae).eval()
+        sae = copy.deepcopy(self.scaled_sae).eval()
         s_in, s_out = float(self.in_scale), float(self.out_scale)
         # pre = (s_in x - b_dec) W + b  = (x - b_dec / s_in) (s_in W) + b  (b_dec lives in output
         # space; for an SAE s_in == s_out). recon_raw = recon / s_out.
