@@ -75,6 +75,7 @@ def _trainer_tensors(trainer) -> dict[str, torch.Tensor]:
     tensors["trainer/fire_counts"] = trainer.fire_counts
     tensors["trainer/in_scale"] = trainer.in_scale
     tensors["trainer/out_scale"] = trainer.out_scale
+    tensors["trainer/sparsity_coeff"] = trainer.sparsity_coeff
     tensors["rng/torch"] = torch.get_rng_state()
     return {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
 
@@ -158,6 +159,7 @@ def load_checkpoint(trainer, path: str | Path) -> dict[str, Any]:
         trainer.fire_counts.copy_(tensors["trainer/fire_counts"])
         trainer.in_scale = tensors["trainer/in_scale"].clone()
         trainer.out_scale = tensors["trainer/out_scale"].clone()
+        trainer.sparsity_coeff = tensors["trainer/sparsity_coeff"].clone()
         torch.set_rng_state(tensors["rng/torch"])
     trainer.step_count = meta["step"]
     trainer.tokens = meta["tokens"]

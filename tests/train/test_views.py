@@ -23,7 +23,7 @@ def _batch(i: int, B: int = 128, d: int = 24) -> torch.Tensor:
     return 7.0 * torch.randn(B, d, generator=g) + 3.0  # far from unit norm: scaling matters
 
 
-def _trained(architecture: str, steps: int = 6, **kw) -> Trainer:
+def _trained(architecture: str, steps: int = 6, total: int | None = None, **kw) -> Trainer:
     cfg = TrainConfig(
         architecture=architecture,
         d_in=24,
@@ -32,7 +32,7 @@ def _trained(architecture: str, steps: int = 6, **kw) -> Trainer:
         matryoshka_widths=[24, 96] if architecture == "matryoshka_batchtopk" else [],
         batch_size=128,
         buffer_tokens=256,
-        total_tokens=128 * steps,
+        total_tokens=128 * (total or steps),
         backend="torch",
         progress=False,
         **kw,
@@ -90,7 +90,7 @@ def test_trainer_sae_reads_raw_activations(tmp_path, architecture):
 
 
 def test_trainer_sae_follows_training():
-    trainer = _trained("topk", steps=2)
+    trainer = _trained("topk", steps=2, total=4)
     before = trainer.sae.W_dec.clone()
     assert trainer.sae is trainer.sae  # cached between steps
     trainer.step(_batch(50))
