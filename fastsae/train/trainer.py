@@ -172,13 +172,28 @@ class Trainer:
             **_adam_impl(self.device),
         }
         params = list(self.scaled_sae.parameters())
+        # W_enc is the [d_in, n] transpose view of a contiguous [n, d_in] buffer. Fused Adam copies
+        # a non-contiguous parameter (and its grad and moments) to contiguous memory and back:
+        # 460 ms against 80 ms per step at n=16384, d=768 (measured side by side). Adam is
+        # elementwise, so it steps a contiguous *alias* of the same storage instead; its grad is
+        # the (contiguous) transpose of W_enc's, attached before each step.
+        self.adam_param = {
+            p: torch.nn.Parameter(p.detach().T, requires_grad=False)
+            if p.dim() == 2 and not p.is_contiguous() and p.T.is_contiguous()
+            else p
+            for p in params
+        }
         if not self.optimizer_in_backward:
-            groups = [{"params": [p], "lr_scale": self._lr_scale(p)} for p in params]
+            groups = [
+                {"params": [self.adam_param[p]], "lr_scale": self._lr_scale(p)} for p in params
+            ]
             self.optimizers = [torch.optim.Adam(groups, **kwargs)]
             self.optimizer_of = {p: self.optimizers[0] for p in params}
             return
         self.optimizers = [
-            torch.optim.Adam([{"params": [p], "lr_scale": self._lr_scale(p)}], **kwargs)
+            torch.optim.Adam(
+                [{"params": [self.adam_param[p]], "lr_scale": self._lr_scale(p)}], **kwargs
+            )
             for p in params
         ]
         self.optimizer_of = dict(zip(params, self.optimizers, strict=True))
@@ -198,8 +213,16 @@ class Trainer:
     def _step_in_backward(self, p: Tensor) -> None:
         if p is self.scaled_sae.W_dec and self.cfg.decoder_normalized:
             _remove_parallel_decoder_grad(self.scaled_sae)
+        self._attach_alias_grads([p])
         self.optimizer_of[p].step()
         p.grad = None
+        self.adam_param[p].grad = None
+
+    def _attach_alias_grads(self, params) -> None:
+        for p in params:
+            alias = self.adam_param[p]
+            if alias is not p:
+                alias.grad = None if p.grad is None else p.grad.T
 
     # -- initialisation ------------------------------------------------------------------------
 
@@ -340,6 +363,8 @@ class Trainer:
             raise NonFiniteLossError(self.step_count + 1, loss_value)
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
+        for p in self.adam_param:
+            p.grad = None
         with nvtx.annotate("sae.backward", color="red"), ops.use_backend(cfg.backend):
             result.loss.backward()  # with optimizer_in_backward, Adam steps happen in here
         grad_norm = None
@@ -351,6 +376,7 @@ class Trainer:
                     grad_norm = float(
                         torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
                     )
+                self._attach_alias_grads(self.adam_param)
                 self.optimizers[0].step()
         with nvtx.annotate("bookkeeping", color="purple"):
             self._after_update(result.output)
@@ -362,7 +388,8 @@ class Trainer:
     def _after_update(self, out) -> None:
         cfg, sae = self.cfg, self.scaled_sae
         if cfg.decoder_normalized:
-            sae.W_dec.div_(sae.W_dec.norm(dim=-1, keepdim=True).clamp(min=1e-8))
+            norms = torch.linalg.vector_norm(sae.W_dec, dim=-1, keepdim=True)
+            sae.W_dec.div_(norms.clamp_(min=1e-8))
         if cfg.architecture == "jumprelu":
             sae.threshold.clamp_(min=0.0)
         if out.values is not None:
@@ -469,5 +496,7 @@ def _remove_parallel_decoder_grad(sae: SAE) -> None:
     if grad is None:
         return
     w = sae.W_dec
-    parallel = (grad * w).sum(-1, keepdim=True)
-    grad.sub_(parallel * w)
+    # Row-wise dots through a batched GEMV and an in-place addcmul: no [n, d] temporaries (the
+    # two products and the sum they replace were ~4% of a step at n=8192, d=768).
+    parallel = torch.einsum("nd,nd->n", grad, w).unsqueeze(-1)
+    grad.addcmul_(parallel, w, value=-1.0)
