@@ -87,7 +87,8 @@ class TrainConfig:
     sparsity_warmup_steps: int = 0
     """Linear warm-up of the L1/L0 coefficient from 0."""
     topk_threshold_lr: float = 0.01
-    """EMA rate of the BatchTopK inference threshold."""
+    """EMA rate of the BatchTopK inference threshold (at least 20 / total_steps, so the EMA's window
+    stays under 5 percent of the run; a running mean until the window fills)."""
 
     # -- optimizer ---------------------------------------------------------------------------------
     lr: float | None = None
