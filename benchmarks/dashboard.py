@@ -288,10 +288,12 @@ def plot_quality(result: dict[str, Any], path: Path) -> bool:
     return True
 
 
-def quality_section(out: Path) -> list[str]:
-    """The newest run of ``benchmarks/results/quality-*.json`` (``benchmarks.quality``)."""
+def quality_section(out: Path, quality_dir: Path | None) -> list[str]:
+    """The newest run of ``<quality_dir>/quality-*.json`` (``benchmarks.quality``)."""
     parts = []
-    for file in sorted(RESULTS_DIR.glob("quality-*.json")):
+    if quality_dir is None:
+        return parts
+    for file in sorted(Path(quality_dir).glob("quality-*.json")):
         runs = json.loads(file.read_text()).get("runs", [])
         if not runs:
             continue
@@ -335,7 +337,7 @@ def quality_section(out: Path) -> list[str]:
     return parts
 
 
-def build(rows: list[dict[str, Any]], out: Path) -> Path:
+def build(rows: list[dict[str, Any]], out: Path, quality_dir: Path | None = None) -> Path:
     """Write ``out/index.html`` and its PNGs from ``rows``; returns the page's path."""
     out.mkdir(parents=True, exist_ok=True)
     for old in out.glob("*.png"):
@@ -391,7 +393,7 @@ def build(rows: list[dict[str, Any]], out: Path) -> Path:
                     parts.append(f"<img src='{name}' alt='{html.escape(key[0])} {kind}'>")
             parts.append("</div>")
             parts.append(_table(case_rows))
-    parts.extend(quality_section(out))
+    parts.extend(quality_section(out, quality_dir))
     parts.append(f"<script>{IMAGE_CHECK}</script></body></html>")
     page = out / "index.html"
     page.write_text("\n".join(parts))
@@ -403,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("files", nargs="*", type=Path, help="default: benchmarks/results/*.jsonl")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
-    page = build(load(args.files or default_files()), args.out)
+    page = build(load(args.files or default_files()), args.out, quality_dir=RESULTS_DIR)
     print(f"wrote {page}")
     return 0
 
