@@ -30,6 +30,7 @@ import matplotlib.ticker  # noqa: E402
 from benchmarks.compare import default_files, load, run_id, runs_by_device  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).parent.parent / "docs" / "bench"
+RESULTS_DIR = Path(__file__).parent / "results"
 DPI = 72
 COLORS = {"fastsae": "#1f77b4", "sae_lens": "#d62728", "sparsify": "#ff7f0e"}
 OTHER_COLOR = "#7f7f7f"
@@ -262,7 +263,81 @@ IMAGE_CHECK = (
 )
 
 
-def build(rows: list[dict[str, Any]], out: Path) -> Path:
+def plot_quality(result: dict[str, Any], path: Path) -> bool:
+    """Held-out FVU against training seconds, one line per configuration."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for name, c in result["configs"].items():
+        xs = [p["seconds"] for p in c["curve"]]
+        ys = [p["fvu"] for p in c["curve"]]
+        style = "-" if name.startswith("fastsae") else "--"
+        ax.plot(
+            xs, ys, style, label=name, color=None if name.startswith("fastsae") else _color(name)
+        )
+    ax.set_yscale("log")
+    ax.set_xlabel("training seconds (evaluation excluded)")
+    ax.set_ylabel("held-out FVU")
+    ax.set_title(
+        f"{result['source']} d_sae={result['d_sae']} k={result['k']} "
+        f"B={result['batch_size']} {result['steps']} steps",
+        fontsize=9,
+    )
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return True
+
+
+def quality_section(out: Path, quality_dir: Path | None) -> list[str]:
+    """The newest run of ``<quality_dir>/quality-*.json`` (``benchmarks.quality``)."""
+    parts = []
+    if quality_dir is None:
+        return parts
+    for file in sorted(Path(quality_dir).glob("quality-*.json")):
+        runs = json.loads(file.read_text()).get("runs", [])
+        if not runs:
+            continue
+        run = runs[-1]
+        env = run["environment"]
+        parts.append(f"<h2 id='quality'>Quality: {html.escape(env.get('device', ''))}</h2>")
+        parts.append(
+            f"<p class='env'>run {html.escape(env.get('run_id', ''))}, commit "
+            f"{html.escape(_commit_label(env))}, {env.get('threads', '?')} threads; "
+            f"{html.escape(run.get('note', ''))}. Held-out FVU / L0 / dead % on real activations; "
+            "see <code>benchmarks/quality.py</code>.</p>"
+        )
+        for key, summ in run.get("summary", {}).items():
+            speed = summ.get("speedup_vs_best_anchor")
+            parts.append(
+                f"<p><b>{html.escape(key)}</b>: target FVU {summ['target_fvu']:.4f} (worst "
+                f"final FVU of the anchors' best configurations "
+                f"{html.escape(json.dumps(summ['best_anchor_configs']))}); fastsae-topk reaches "
+                f"it {_fmt(speed, '.2f')}x sooner than the best anchor "
+                f"(bf16: {_fmt(summ.get('speedup_bf16_vs_best_anchor'), '.2f')}x).</p>"
+            )
+        for result in run["results"]:
+            name = f"quality-{slug(result['source'])}-{result['d_sae']}-{result['steps']}.png"
+            plot_quality(result, out / name)
+            parts.append(f"<img src='{name}' alt='quality {html.escape(result['source'])}'>")
+            head = (
+                "<tr><th>configuration</th><th>held-out FVU</th><th>L0</th><th>dead %</th>"
+                "<th>training s</th><th>s to target</th></tr>"
+            )
+            summ = run.get("summary", {}).get(f"{result['source']}/{result['d_sae']}", {})
+            ttt = summ.get("time_to_target_s", {})
+            body = []
+            for cname, c in result["configs"].items():
+                f = c["final"]
+                body.append(
+                    f"<tr><td>{html.escape(cname)}</td><td>{f['fvu']:.4f}</td>"
+                    f"<td>{_fmt(f.get('l0'), '.1f')}</td><td>{_fmt(f.get('dead_pct'), '.1f')}</td>"
+                    f"<td>{f['seconds']:.1f}</td><td>{_fmt(ttt.get(cname), '.1f')}</td></tr>"
+                )
+            parts.append(f"<table>{head}{''.join(body)}</table>")
+    return parts
+
+
+def build(rows: list[dict[str, Any]], out: Path, quality_dir: Path | None = None) -> Path:
     """Write ``out/index.html`` and its PNGs from ``rows``; returns the page's path."""
     out.mkdir(parents=True, exist_ok=True)
     for old in out.glob("*.png"):
@@ -318,6 +393,7 @@ def build(rows: list[dict[str, Any]], out: Path) -> Path:
                     parts.append(f"<img src='{name}' alt='{html.escape(key[0])} {kind}'>")
             parts.append("</div>")
             parts.append(_table(case_rows))
+    parts.extend(quality_section(out, quality_dir))
     parts.append(f"<script>{IMAGE_CHECK}</script></body></html>")
     page = out / "index.html"
     page.write_text("\n".join(parts))
@@ -329,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("files", nargs="*", type=Path, help="default: benchmarks/results/*.jsonl")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
-    page = build(load(args.files or default_files()), args.out)
+    page = build(load(args.files or default_files()), args.out, quality_dir=RESULTS_DIR)
     print(f"wrote {page}")
     return 0
 

@@ -34,7 +34,7 @@ def _fastsae_trainer(x: torch.Tensor, n: int, k: int, backend: str) -> StepProvi
 
     def state_bytes() -> int:
         return owned_bytes(
-            trainer.sae, trainer.optimizers, trainer.since_fired, trainer.fire_counts
+            trainer.scaled_sae, trainer.optimizers, trainer.since_fired, trainer.fire_counts
         )
 
     return StepProvider(lambda: trainer.step(x), state_bytes)

@@ -213,7 +213,12 @@ class BatchTopKSAE(SAE):
         positive = codes[codes > 0]
         if positive.numel():
             smallest = positive.min().to(torch.float64)
-            self.topk_threshold.mul_(1 - lr).add_(lr * smallest)
+            if not bool(self.topk_threshold > 0):
+                # The first update starts the EMA at the observed value: an EMA from zero needs
+                # ~1/lr steps to come near it, and eval mode fires almost everything until then.
+                self.topk_threshold.copy_(smallest)
+            else:
+                self.topk_threshold.mul_(1 - lr).add_(lr * smallest)
 
 
 class MatryoshkaBatchTopKSAE(BatchTopKSAE):

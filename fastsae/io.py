@@ -332,7 +332,8 @@ def _load_sparsify(path: Path, device: str | torch.device | None):
 
 def load(path: str | Path, *, device: str | torch.device | None = None, dtype: str | None = None):
     """Load an SAE directory: fastsae / SAELens (``sae_weights.safetensors``) or sparsify
-    (``sae.safetensors``). Returns the matching :class:`fastsae.SAE` subclass.
+    (``sae.safetensors``). Returns the matching :class:`fastsae.SAE` subclass, in eval mode
+    (call ``.train()`` to fine-tune a BatchTopK SAE with its batch-level selection).
 
     Raises:
         ValueError: a missing directory or file, a ``cfg.json`` that is not valid JSON (or nested
@@ -359,7 +360,9 @@ def load(path: str | Path, *, device: str | torch.device | None = None, dtype: s
     if target_dtype is not None:
         sae = sae.to(target_dtype)
         sae.cfg.dtype = str(target_dtype).removeprefix("torch.")
-    return sae
+    # Eval mode: a BatchTopK / Matryoshka SAE then encodes each row on its own with the learned
+    # threshold, as SAELens does with the same files (training mode keeps k * B of the batch).
+    return sae.eval()
 
 
 def load_sparsity(path: str | Path) -> Tensor | None:

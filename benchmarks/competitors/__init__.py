@@ -18,7 +18,9 @@ from typing import NamedTuple
 
 
 class StepProvider(NamedTuple):
-    """A zero-argument training step and the bytes it keeps between steps."""
+    """A zero-argument training step and the bytes it keeps between steps; ``reconstruct``
+    (``x [N, d] -> recon [N, d]``, no gradient) where the quality benchmark needs it."""
 
     step: Callable[[], object]
     state_bytes: Callable[[], int]
+    reconstruct: Callable[[object], object] | None = None

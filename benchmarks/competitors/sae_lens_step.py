@@ -55,4 +55,8 @@ def make_step(x: Tensor, d_sae: int, k: int) -> StepProvider:
             sae, trainer.optimizer, trainer.act_freq_scores, trainer.n_forward_passes_since_fired
         )
 
-    return StepProvider(step, state_bytes)
+    @torch.no_grad()
+    def reconstruct(h: Tensor) -> Tensor:
+        return sae(h)
+
+    return StepProvider(step, state_bytes, reconstruct)

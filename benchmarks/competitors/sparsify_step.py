@@ -63,4 +63,8 @@ def make_step(x: Tensor, d_sae: int, k: int) -> StepProvider:
     def state_bytes() -> int:
         return owned_bytes(coder, optimizer, since_fired, did_fire)
 
-    return StepProvider(step, state_bytes)
+    @torch.no_grad()
+    def reconstruct(h: Tensor) -> Tensor:
+        return coder(x=h, y=h).sae_out
+
+    return StepProvider(step, state_bytes, reconstruct)

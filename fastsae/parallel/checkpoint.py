@@ -62,9 +62,9 @@ def _latent_dim(key: str) -> int:
 
 def _slab_tensors(trainer) -> dict[str, torch.Tensor]:
     tensors: dict[str, torch.Tensor] = {}
-    for name, t in trainer.sae.state_dict().items():
+    for name, t in trainer.scaled_sae.state_dict().items():
         tensors[f"sae/{name}"] = t
-    for name, p in trainer.sae.named_parameters():
+    for name, p in trainer.scaled_sae.named_parameters():
         for key, value in trainer.optimizer_of[p].state.get(p, {}).items():
             if isinstance(value, torch.Tensor):
                 tensors[f"optim/{name}/{key}"] = value
@@ -191,8 +191,8 @@ def load_sharded(trainer, path: str | Path) -> dict[str, Any]:
     meta, tensors = read_slab(path, trainer.shard.offset, trainer.shard.count)
     with torch.no_grad():
         state = {k.removeprefix("sae/"): v for k, v in tensors.items() if k.startswith("sae/")}
-        trainer.sae.load_state_dict(state, strict=True)
-        params = dict(trainer.sae.named_parameters())
+        trainer.scaled_sae.load_state_dict(state, strict=True)
+        params = dict(trainer.scaled_sae.named_parameters())
         for opt in trainer.optimizers:
             opt.state.clear()
         for key, value in tensors.items():

@@ -121,10 +121,10 @@ def train_synthetic(mode: str, cfg_dict: dict, steps: int, out_dir: str, seed: i
     state = {
         "offset": trainer.shard.offset,
         "count": trainer.shard.count,
-        "sae": {k: v.clone() for k, v in trainer.sae.state_dict().items()},
+        "sae": {k: v.clone() for k, v in trainer.scaled_sae.state_dict().items()},
         "exp_avg_sq": {
             name: trainer.optimizer_of[p].state[p]["exp_avg_sq"].clone()
-            for name, p in trainer.sae.named_parameters()
+            for name, p in trainer.scaled_sae.named_parameters()
         },
         "since_fired": trainer.since_fired.clone(),
         "fire_counts": trainer.fire_counts.clone(),

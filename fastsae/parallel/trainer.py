@@ -113,7 +113,7 @@ class DistributedTrainer(Trainer):
             dead = self._dead_local()
             n_dead = int(all_reduce(dead.sum().reshape(1), self.layout.latent_group).item())
             result = sharded_loss(
-                self.sae,
+                self.scaled_sae,
                 x,
                 x if y is None else y,
                 shard=self.shard,
@@ -139,7 +139,7 @@ class DistributedTrainer(Trainer):
         group, size = self.layout.dp_group, self.layout.dp_size
         if size == 1:
             return
-        for p in self.sae.parameters():
+        for p in self.scaled_sae.parameters():
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
             g = p.grad
@@ -160,7 +160,7 @@ class DistributedTrainer(Trainer):
         ``clip_grad_norm_``'s scaling, ``min(1, max_norm / (norm + 1e-6))``."""
         if not self.sharded:
             return super()._clip_gradients(max_norm)
-        names = dict(self.sae.named_parameters())
+        names = dict(self.scaled_sae.named_parameters())
         grads = {n: p.grad for n, p in names.items() if p.grad is not None}
         sliced = [g for n, g in grads.items() if n in (*LATENT_ROWS, "W_enc")]
         shared = [g for n, g in grads.items() if n not in (*LATENT_ROWS, "W_enc")]
@@ -192,7 +192,7 @@ class DistributedTrainer(Trainer):
 
     @torch.no_grad()
     def _after_update(self, out) -> None:
-        cfg, sae, layout = self.cfg, self.sae, self.layout
+        cfg, sae, layout = self.cfg, self.scaled_sae, self.layout
         if cfg.decoder_normalized:
             sae.W_dec.div_(sae.W_dec.norm(dim=-1, keepdim=True).clamp(min=1e-8))
         if cfg.architecture == "jumprelu":

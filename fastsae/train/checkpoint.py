@@ -108,16 +108,20 @@ def _non_finite(tensors: dict[str, torch.Tensor]) -> list[str]:
 
 def _trainer_tensors(trainer) -> dict[str, torch.Tensor]:
     tensors: dict[str, torch.Tensor] = {}
-    for name, t in trainer.sae.state_dict().items():
+    for name, t in trainer.scaled_sae.state_dict().items():
         tensors[f"sae/{name}"] = t
-    for name, p in trainer.sae.named_parameters():
-        for key, value in trainer.optimizer_of[p].state.get(p, {}).items():
+    for name, p in trainer.scaled_sae.named_parameters():
+        alias = trainer.adam_param[p]  # Adam may step a contiguous alias (the transpose) of p
+        for key, value in trainer.optimizer_of[p].state.get(alias, {}).items():
             if isinstance(value, torch.Tensor):
+                if alias is not p and value.shape == alias.shape:
+                    value = value.T  # saved in the parameter's own shape
                 tensors[f"optim/{name}/{key}"] = value
     tensors["trainer/since_fired"] = trainer.since_fired
     tensors["trainer/fire_counts"] = trainer.fire_counts
     tensors["trainer/in_scale"] = trainer.in_scale
     tensors["trainer/out_scale"] = trainer.out_scale
+    tensors["trainer/sparsity_coeff"] = trainer.sparsity_coeff
     tensors["rng/torch"] = torch.get_rng_state()
     return {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
 
@@ -234,8 +238,8 @@ def load_checkpoint(trainer, path: str | Path) -> dict[str, Any]:
     remove_stale_temporaries(Path(path).parent, name=_NAME)
     with torch.no_grad():
         state = {k.removeprefix("sae/"): v for k, v in tensors.items() if k.startswith("sae/")}
-        trainer.sae.load_state_dict(state, strict=True)
-        params = dict(trainer.sae.named_parameters())
+        trainer.scaled_sae.load_state_dict(state, strict=True)
+        params = dict(trainer.scaled_sae.named_parameters())
         for opt in trainer.optimizers:
             opt.state.clear()
         for key, value in tensors.items():
@@ -246,12 +250,16 @@ def load_checkpoint(trainer, path: str | Path) -> dict[str, Any]:
                     # Moments must share the parameter's memory layout (W_enc is a transposed
                     # view): fused Adam walks parameter and state storage in the same order.
                     value = torch.empty_like(p, dtype=value.dtype).copy_(value)
+                    if trainer.adam_param[p] is not p:
+                        value = value.T  # the alias's contiguous layout
                 # fused Adam keeps its step counters on the parameter's device
-                trainer.optimizer_of[p].state.setdefault(p, {})[skey] = value.to(p.device)
+                alias = trainer.adam_param[p]
+                trainer.optimizer_of[p].state.setdefault(alias, {})[skey] = value.to(p.device)
         trainer.since_fired.copy_(tensors["trainer/since_fired"])
         trainer.fire_counts.copy_(tensors["trainer/fire_counts"])
         trainer.in_scale = tensors["trainer/in_scale"].clone()
         trainer.out_scale = tensors["trainer/out_scale"].clone()
+        trainer.sparsity_coeff = tensors["trainer/sparsity_coeff"].clone()
         torch.set_rng_state(tensors["rng/torch"])
     trainer.step_count = meta["step"]
     trainer.tokens = meta["tokens"]

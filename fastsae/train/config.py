@@ -47,6 +47,9 @@ class TrainConfig:
     """Number of latents."""
     k: float | None = 32
     """Active latents per token (topk: exact; batchtopk/matryoshka: batch average)."""
+    target_l0: float | None = None
+    """Active latents per token to aim for. Top-k family: sets k. relu, gated, jumprelu: the L1/L0
+    coefficient left at None is adapted every step so that L0 tracks it. None: k (or 32)."""
     d_in: int | None = None
     """Input width; None: taken from the hook's activations."""
     d_out: int | None = None
@@ -55,16 +58,22 @@ class TrainConfig:
     """Add a linear skip W_skip (skip-transcoders)."""
     matryoshka_widths: list[int] = field(default_factory=list)
     """Nested prefix widths for matryoshka_batchtopk."""
-    jumprelu_bandwidth: float = 0.001
-    """Rectangle-kernel bandwidth of the JumpReLU straight-through estimator."""
-    jumprelu_init_threshold: float = 0.001
-    """Initial JumpReLU threshold."""
+    jumprelu_bandwidth: float = 0.05
+    """Rectangle-kernel bandwidth of the JumpReLU straight-through estimator (inputs are scaled
+    to E||x|| = sqrt(d_in), so pre-activations are O(1))."""
+    jumprelu_init_threshold: float | None = None
+    """Initial JumpReLU threshold; None: set from the first batch so that each latent fires on
+    target_l0 / d_sae of its tokens."""
     normalize_decoder: bool | None = None
     """Keep decoder rows at unit norm and remove the gradient component parallel to them.
     None: on for the top-k family, off for L1/L0-penalised architectures (their penalty is
     weighted by decoder norms)."""
     init_b_dec: Literal["geometric_median", "mean", "zeros"] = "geometric_median"
     """How b_dec is initialised from the first batch (SAEs only; transcoders start at zero)."""
+    init_encoder_scale: float | None = None
+    """W_enc starts as this times W_dec.T (unit-norm decoder rows). None: the least-squares scale
+    on the first batch, the one whose initial reconstruction best fits it (the codes of every
+    architecture scale linearly with it; W_enc = W_dec.T itself overshoots, ~0.3 fits)."""
     normalize_activations: bool = True
     """Scale inputs so that E||x|| = sqrt(d_in), estimated up front; folded into the saved weights."""
 
@@ -73,16 +82,22 @@ class TrainConfig:
     """AuxK coefficient (top-k family)."""
     k_aux: int | None = None
     """Dead latents used by AuxK per token, in [1, d_sae]; None: d_out // 2."""
-    dead_tokens: int = 10_000_000
-    """A latent that has not fired for this many tokens counts as dead."""
-    l1_coeff: float = 1.0
-    """L1 coefficient (relu, gated)."""
-    l0_coeff: float = 1.0
-    """L0 coefficient (jumprelu)."""
+    dead_tokens: int | None = None
+    """A latent that has not fired for this many tokens counts as dead. None: 5 percent of the run
+    (total_tokens / 20), at most 10M (OpenAI's and sparsify's value for long runs), and at least
+    100 * d_sae / k tokens (100 times the mean gap between firings)."""
+    l1_coeff: float | None = None
+    """L1 coefficient (relu, gated). None: adapted toward target_l0 (see sparsity_adapt_rate)."""
+    l0_coeff: float | None = None
+    """L0 coefficient (jumprelu). None: adapted toward target_l0 (see sparsity_adapt_rate)."""
+    sparsity_adapt_rate: float = 0.03
+    """Gain of the L1/L0 coefficient controller: after each step, coeff *= (L0 / target_l0) **
+    rate (L0 of that batch), so the coefficient rises while L0 is above target and falls below."""
     sparsity_warmup_steps: int = 0
     """Linear warm-up of the L1/L0 coefficient from 0."""
     topk_threshold_lr: float = 0.01
-    """EMA rate of the BatchTopK inference threshold."""
+    """EMA rate of the BatchTopK inference threshold (at least 20 / total_steps, so the EMA's window
+    stays under 5 percent of the run; a running mean until the window fills)."""
 
     # -- optimizer ---------------------------------------------------------------------------------
     lr: float | None = None
@@ -91,8 +106,9 @@ class TrainConfig:
     """Adam beta1."""
     beta2: float = 0.999
     """Adam beta2."""
-    warmup_steps: int = 100
-    """Linear learning-rate warm-up."""
+    warmup_steps: int | None = None
+    """Linear learning-rate warm-up, in steps; never longer than the run (a longer value is cut to
+    the run, with a warning). None: 1 percent of the run's steps."""
     decay_start: float = 0.8
     """Fraction of training after which the learning rate decays linearly to 0."""
     grad_clip: float | None = None
@@ -219,12 +235,14 @@ class TrainConfig:
         if self.d_in is not None and self.d_in < 1:
             raise ValueError(f"d_in={self.d_in} must be >= 1")
         self._check_ranges()
+        self._validate_recipe()
 
     def _check_ranges(self) -> None:
         """Counts, cadences and coefficients: each in its allowed range, named when it is not."""
         for name in ("log_every", "eval_tokens", "dead_tokens"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name}={value} must be >= 1")
         for name in (
             "warmup_steps",
             "sparsity_warmup_steps",
@@ -234,8 +252,9 @@ class TrainConfig:
             "l1_coeff",
             "l0_coeff",
         ):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"{name}={value} must be >= 0")
         if self.k_aux is not None and not 1 <= self.k_aux <= self.d_sae:
             raise ValueError(f"k_aux={self.k_aux} must be in [1, d_sae={self.d_sae}] (or None)")
         if self.total_tokens < self.batch_size:
@@ -257,6 +276,18 @@ class TrainConfig:
         if not _DEVICE.fullmatch(self.device):
             raise ValueError(f"device={self.device!r} is unknown; allowed: auto, cpu, cuda, cuda:N")
 
+    def _validate_recipe(self) -> None:
+        """target_l0 (which sets k for the top-k family) and the sparsity controller."""
+        if self.target_l0 is not None:
+            if not 0 < self.target_l0 <= self.d_sae:
+                raise ValueError(f"target_l0={self.target_l0} must be in (0, d_sae={self.d_sae}]")
+            if self.architecture in TOPK_FAMILY:
+                self.k = int(self.target_l0) if self.architecture == "topk" else self.target_l0
+                if self.architecture == "topk" and self.k < 1:
+                    raise ValueError(f"target_l0={self.target_l0} must be >= 1 for topk")
+        if not 0 <= self.sparsity_adapt_rate <= 1:
+            raise ValueError(f"sparsity_adapt_rate={self.sparsity_adapt_rate} must be in [0, 1]")
+
     # -- derived -----------------------------------------------------------------------------------
 
     @property
@@ -266,6 +297,27 @@ class TrainConfig:
     @property
     def total_steps(self) -> int:
         return max(1, self.total_tokens // self.batch_size)
+
+    @property
+    def l0_target(self) -> float:
+        """target_l0, else k, else 32."""
+        if self.target_l0 is not None:
+            return float(self.target_l0)
+        return float(self.k) if self.k is not None else 32.0
+
+    @property
+    def warmup(self) -> int:
+        """Warm-up steps actually used: warmup_steps (None: 1 percent of the run), cut to the run."""
+        steps = self.warmup_steps if self.warmup_steps is not None else self.total_steps // 100
+        return min(steps, self.total_steps)
+
+    @property
+    def dead_after_tokens(self) -> int:
+        """dead_tokens, or the default proportional to the run (see the field)."""
+        if self.dead_tokens is not None:
+            return self.dead_tokens
+        floor = math.ceil(100 * self.d_sae / self.l0_target)
+        return max(floor, min(10_000_000, self.total_tokens // 20))
 
     @property
     def decoder_normalized(self) -> bool:

@@ -156,7 +156,7 @@ def _run_with_data(cfg, data, device, resume_path, stop_after_steps, log, checke
         hook_name_out=cfg.hook_out,
         model_name=data.model_name,
     )
-    trainer.sae.cfg.metadata["fastsae_data"] = data.record()
+    trainer.scaled_sae.cfg.metadata["fastsae_data"] = data.record()
     if resume_path is not None:
         data_state = load_checkpoint(trainer, resume_path)
         data.load_state_dict(data_state)

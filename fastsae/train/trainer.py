@@ -21,6 +21,7 @@ import contextlib
 import copy
 import math
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,11 @@ from fastsae.sae import SAE
 from fastsae.train.config import TrainConfig
 
 __all__ = ["NonFiniteLossError", "Trainer", "geometric_median", "resolve_device"]
+
+#: Where the adapted L1/L0 coefficient starts (inputs scaled to E||x|| = sqrt(d_in)); the firing
+#: rates start at the target (:meth:`Trainer._init_firing_rate`), so this only sets how hard the
+#: penalty pushes until the controller has settled.
+SPARSITY_COEFF_START = {"relu": 0.1, "gated": 0.1, "jumprelu": 0.01}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -73,7 +79,12 @@ def geometric_median(points: Tensor, iterations: int = 100, tol: float = 1e-6) -
 
 
 class Trainer:
-    """Owns the SAE, its Adam optimizer and the training statistics. See the module docstring."""
+    """Owns the SAE, its Adam optimizer and the training statistics. See the module docstring.
+
+    Two views of the SAE: :attr:`sae` reads raw activations (eval mode, the input scaling folded
+    in, what :meth:`save_sae` writes); :attr:`scaled_sae` is the module being trained, which reads
+    activations multiplied by :attr:`in_scale` (so that ``E||x|| = sqrt(d_in)``).
+    """
 
     def __init__(
         self,
@@ -107,13 +118,13 @@ class Trainer:
             skip_connection=cfg.skip_connection,
             dtype=cfg.dtype,
             jumprelu_bandwidth=cfg.jumprelu_bandwidth,
-            jumprelu_init_threshold=cfg.jumprelu_init_threshold,
+            jumprelu_init_threshold=cfg.jumprelu_init_threshold or 0.0,
             matryoshka_widths=list(cfg.matryoshka_widths),
             hook_name=hook_name,
             hook_name_out=hook_name_out,
             model_name=model_name,
         )
-        self.sae: SAE = self._build_sae(sae_cfg)
+        self.scaled_sae: SAE = self._build_sae(sae_cfg)
         self.optimizer_in_backward = bool(cfg.optimizer_in_backward)
         if cfg.optimizer_in_backward is None:
             from fastsae.train.memory import available_bytes, estimate
@@ -129,15 +140,31 @@ class Trainer:
         self.in_scale = torch.ones((), dtype=torch.float64)
         self.out_scale = torch.ones((), dtype=torch.float64)
         # sae.d_sae: a latent-sharded trainer (fastsae/parallel) tracks its own slab only.
-        self.since_fired = torch.zeros(self.sae.d_sae, dtype=torch.long, device=self.device)
-        self.fire_counts = torch.zeros(self.sae.d_sae, dtype=torch.long, device=self.device)
+        self.since_fired = torch.zeros(self.scaled_sae.d_sae, dtype=torch.long, device=self.device)
+        self.fire_counts = torch.zeros(self.scaled_sae.d_sae, dtype=torch.long, device=self.device)
         self.counted_tokens = 0
         self._last_time: float | None = None
+        # The L1/L0 coefficient: fixed when configured, else adapted toward target_l0.
+        fixed = cfg.l0_coeff if cfg.architecture == "jumprelu" else cfg.l1_coeff
+        self.adaptive_sparsity = cfg.architecture not in TOPK_FAMILY and fixed is None
+        start = SPARSITY_COEFF_START.get(cfg.architecture, 0.0) if fixed is None else fixed
+        self.sparsity_coeff = torch.tensor(float(start), dtype=torch.float64)
+        if cfg.warmup_steps is not None and cfg.warmup_steps > cfg.total_steps:
+            warnings.warn(
+                f"warmup_steps={cfg.warmup_steps} is longer than the run ({cfg.total_steps} steps "
+                f"= total_tokens / batch_size); the warm-up is cut to {cfg.total_steps} steps so "
+                "the run reaches its peak learning rate",
+                stacklevel=2,
+            )
+        self._warned_past_end = False
 
     def _build_sae(self, sae_cfg: SAEConfig) -> SAE:
         """The SAE, seeded and on the device (fastsae/parallel overrides this to keep a slab)."""
         sae = SAE.from_config(sae_cfg)
         sae.reset_parameters(torch.Generator().manual_seed(self.cfg.seed))
+        if self.cfg.init_encoder_scale is not None:
+            with torch.no_grad():
+                sae.W_enc.mul_(self.cfg.init_encoder_scale)
         return sae.to(self.device)
 
     def _build_optimizers(self) -> None:
@@ -149,22 +176,58 @@ class Trainer:
             "betas": (cfg.beta1, cfg.beta2),
             **_adam_impl(self.device),
         }
-        params = list(self.sae.parameters())
+        params = list(self.scaled_sae.parameters())
+        # W_enc is the [d_in, n] transpose view of a contiguous [n, d_in] buffer. Fused Adam copies
+        # a non-contiguous parameter (and its grad and moments) to contiguous memory and back:
+        # 460 ms against 80 ms per step at n=16384, d=768 (measured side by side). Adam is
+        # elementwise, so it steps a contiguous *alias* of the same storage instead; its grad is
+        # the (contiguous) transpose of W_enc's, attached before each step.
+        self.adam_param = {
+            p: torch.nn.Parameter(p.detach().T, requires_grad=False)
+            if p.dim() == 2 and not p.is_contiguous() and p.T.is_contiguous()
+            else p
+            for p in params
+        }
         if not self.optimizer_in_backward:
-            self.optimizers = [torch.optim.Adam(params, **kwargs)]
+            groups = [
+                {"params": [self.adam_param[p]], "lr_scale": self._lr_scale(p)} for p in params
+            ]
+            self.optimizers = [torch.optim.Adam(groups, **kwargs)]
             self.optimizer_of = {p: self.optimizers[0] for p in params}
             return
-        self.optimizers = [torch.optim.Adam([p], **kwargs) for p in params]
+        self.optimizers = [
+            torch.optim.Adam(
+                [{"params": [self.adam_param[p]], "lr_scale": self._lr_scale(p)}], **kwargs
+            )
+            for p in params
+        ]
         self.optimizer_of = dict(zip(params, self.optimizers, strict=True))
         for p in params:
             p.register_post_accumulate_grad_hook(self._step_in_backward)
 
+    def _lr_scale(self, p: Tensor) -> float:
+        """JumpReLU thresholds are O(1) while W_enc entries are O(1/sqrt(d_in)); Adam moves both
+        by ~lr per step, so the thresholds get lr * sqrt(d_in) to keep pace with the encoder (at
+        lr they lagged and 60% of latents died in 300 steps on the embedded model)."""
+        sae = self.scaled_sae
+        if getattr(sae, "threshold", None) is p:
+            return math.sqrt(sae.d_in)
+        return 1.0
+
     @torch.no_grad()
     def _step_in_backward(self, p: Tensor) -> None:
-        if p is self.sae.W_dec and self.cfg.decoder_normalized:
-            _remove_parallel_decoder_grad(self.sae)
+        if p is self.scaled_sae.W_dec and self.cfg.decoder_normalized:
+            _remove_parallel_decoder_grad(self.scaled_sae)
+        self._attach_alias_grads([p])
         self.optimizer_of[p].step()
         p.grad = None
+        self.adam_param[p].grad = None
+
+    def _attach_alias_grads(self, params) -> None:
+        for p in params:
+            alias = self.adam_param[p]
+            if alias is not p:
+                alias.grad = None if p.grad is None else p.grad.T
 
     # -- initialisation ------------------------------------------------------------------------
 
@@ -177,7 +240,7 @@ class Trainer:
                 mean norm (an all-zero batch would give a scale of 1e12); the trainer is left
                 untouched, so a good batch later initialises it normally.
         """
-        cfg, sae = self.cfg, self.sae
+        cfg, sae = self.cfg, self.scaled_sae
         x = x.to(self.device, torch.float64)
         y = x if y is None else y.to(self.device, torch.float64)
         # checked before anything is assigned: a refused batch leaves the trainer untouched
@@ -190,7 +253,55 @@ class Trainer:
             sae.b_dec.copy_(geometric_median(target[:4096]).to(sae.dtype))
         elif cfg.init_b_dec == "mean":
             sae.b_dec.copy_(target.mean(0).to(sae.dtype))
+        xs = (x * self.in_scale.to(x.device)).to(sae.dtype)
+        if cfg.architecture not in TOPK_FAMILY:
+            self._init_firing_rate(xs)
+        if cfg.init_encoder_scale is None and y is x and sae.W_skip is None:
+            self._init_encoder_scale(xs[:4096])
         self.initialized = True
+
+    @torch.no_grad()
+    def _init_encoder_scale(self, x: Tensor) -> None:
+        """Scale W_enc (and the thresholds / biases that gate it) by the least-squares factor
+        ``a = <x - b_dec, R> / ||R||^2``, R the initial reconstruction without b_dec: every
+        architecture's codes scale by ``a`` (selection does not change), so the first steps start
+        from the best-fitting magnitude instead of overshooting and killing latents."""
+        sae = self.scaled_sae
+        with ops.use_backend(self.cfg.backend):
+            recon = sae(x).recon.double() - sae.b_dec.double()
+        target = x.double() - sae.b_dec.double()
+        denom = float(recon.pow(2).sum())
+        if denom <= 0:
+            return
+        a = min(max(float((target * recon).sum()) / denom, 1e-3), 1.0)
+        sae.W_enc.mul_(a)
+        for name in ("b_enc", "threshold", "b_gate"):
+            t = getattr(sae, name, None)
+            if t is not None:
+                t.mul_(a)
+        self.init_scale_used = a
+
+    @torch.no_grad()
+    def _init_firing_rate(self, x: Tensor) -> None:
+        """Start each latent of an L1/L0 SAE at the target firing rate: its gate (JumpReLU
+        threshold, ReLU encoder bias, Gated gate bias) at the ``1 - target_l0 / d_sae`` quantile of
+        its pre-activations on the first batch, so L0 starts at target_l0 instead of ~d_sae / 2."""
+        cfg, sae = self.cfg, self.scaled_sae
+        x = x[:4096]
+        zero = torch.zeros_like(sae.W_enc[0])
+        base = ops.pre_activations(x, sae.W_enc, zero, sae._encoder_input(x))
+        q = 1.0 - min(1.0, cfg.l0_target / sae.d_sae)
+        cut = torch.quantile(base.float(), q, dim=0).to(sae.dtype)
+        if cfg.architecture == "jumprelu":
+            if cfg.jumprelu_init_threshold is None:
+                sae.b_enc.zero_()
+                sae.threshold.copy_(cut.clamp(min=0.0))
+            else:
+                sae.threshold.fill_(cfg.jumprelu_init_threshold)
+        elif cfg.architecture == "relu":
+            sae.b_enc.copy_(-cut)
+        elif cfg.architecture == "gated":
+            sae.b_gate.copy_(-cut)
 
     # -- one step ----------------------------------------------------------------------------------
 
@@ -201,13 +312,14 @@ class Trainer:
             warm = min(1.0, (self.step_count + 1) / cfg.sparsity_warmup_steps)
         if arch in TOPK_FAMILY:
             return {"aux_coeff": cfg.aux_coeff, "k_aux": cfg.k_aux}
+        coeff = float(self.sparsity_coeff) * warm
         if arch == "jumprelu":
-            return {"l0_coeff": cfg.l0_coeff * warm}
-        return {"l1_coeff": cfg.l1_coeff * warm}
+            return {"l0_coeff": coeff}
+        return {"l1_coeff": coeff}
 
     def _loss(self, x: Tensor, y: Tensor | None, dead_mask: Tensor | None):
         """The step's loss (fastsae/parallel overrides this for latent-sharded SAEs)."""
-        return self.sae.loss(x, y, dead_mask=dead_mask, **self._coefficients())
+        return self.scaled_sae.loss(x, y, dead_mask=dead_mask, **self._coefficients())
 
     def _reduce_gradients(self) -> None:
         """Called after backward, before the decoder projection, clipping and Adam: the
@@ -216,14 +328,15 @@ class Trainer:
     def _clip_gradients(self, max_norm: float) -> float:
         """Clip the global gradient norm to ``max_norm``; returns the norm before clipping
         (fastsae/parallel overrides this to sum the norms of latent slabs)."""
-        return float(torch.nn.utils.clip_grad_norm_(self.sae.parameters(), max_norm))
+        return float(torch.nn.utils.clip_grad_norm_(self.scaled_sae.parameters(), max_norm))
 
     def lr_at(self, step: int) -> float:
         """Linear warm-up, constant, then linear decay to zero from ``decay_start``."""
         cfg = self.cfg
         lr = cfg.learning_rate
-        if cfg.warmup_steps and step < cfg.warmup_steps:
-            return lr * (step + 1) / cfg.warmup_steps
+        warmup = cfg.warmup
+        if warmup and step < warmup:
+            return lr * (step + 1) / warmup
         total, start = cfg.total_steps, int(cfg.decay_start * cfg.total_steps)
         if step >= start and total > start:
             return lr * max(0.0, (total - step) / (total - start))
@@ -251,7 +364,7 @@ class Trainer:
             ValueError: a wrong shape, or a first batch that cannot initialise the trainer.
             NonFiniteLossError: the loss is NaN or infinite (the weights are not updated).
         """
-        cfg, sae = self.cfg, self.sae
+        cfg, sae = self.cfg, self.scaled_sae
         _check_batch("x", x, sae.d_in)
         if y is not None:
             _check_batch("y", y, sae.d_out)
@@ -264,12 +377,20 @@ class Trainer:
         x = (x.to(self.device, torch.float64) * self.in_scale.item()).to(sae.dtype)
         if y is not None:
             y = (y.to(self.device, torch.float64) * self.out_scale.item()).to(sae.dtype)
-        dead = self.since_fired >= cfg.dead_tokens
+        dead = self.since_fired >= cfg.dead_after_tokens
         dead_mask = dead if bool(dead.any()) else None
         lr = self.lr_at(self.step_count)
+        if self.step_count >= cfg.total_steps and not self._warned_past_end:
+            warnings.warn(
+                f"step {self.step_count + 1} is past the run's {cfg.total_steps} steps "
+                f"(total_tokens={cfg.total_tokens}): the learning rate has decayed to "
+                f"{lr:g}; set total_tokens to the tokens you will train on",
+                stacklevel=2,
+            )
+            self._warned_past_end = True
         for opt in self.optimizers:
             for group in opt.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group.get("lr_scale", 1.0)
 
         # NVTX ranges (the nvtx package works without a GPU) name each phase in Nsight and in
         # profiling/profile_step.py's table.
@@ -281,6 +402,8 @@ class Trainer:
             raise NonFiniteLossError(self.step_count + 1, loss_value)
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
+        for p in self.adam_param:
+            p.grad = None
         with nvtx.annotate("sae.backward", color="red"), ops.use_backend(cfg.backend):
             result.loss.backward()  # with optimizer_in_backward, Adam steps happen in here
         self._reduce_gradients()
@@ -291,6 +414,7 @@ class Trainer:
                     _remove_parallel_decoder_grad(sae)
                 if cfg.grad_clip is not None:
                     grad_norm = self._clip_gradients(cfg.grad_clip)
+                self._attach_alias_grads(self.adam_param)
                 self.optimizers[0].step()
         with nvtx.annotate("bookkeeping", color="purple"):
             self._after_update(result.output)
@@ -300,9 +424,10 @@ class Trainer:
 
     @torch.no_grad()
     def _after_update(self, out) -> None:
-        cfg, sae = self.cfg, self.sae
+        cfg, sae = self.cfg, self.scaled_sae
         if cfg.decoder_normalized:
-            sae.W_dec.div_(sae.W_dec.norm(dim=-1, keepdim=True).clamp(min=1e-8))
+            norms = torch.linalg.vector_norm(sae.W_dec, dim=-1, keepdim=True)
+            sae.W_dec.div_(norms.clamp_(min=1e-8))
         if cfg.architecture == "jumprelu":
             sae.threshold.clamp_(min=0.0)
         if out.values is not None:
@@ -310,10 +435,20 @@ class Trainer:
         else:
             fired = (out.codes > 0).any(0).nonzero().squeeze(-1)
         if cfg.architecture in ("batchtopk", "matryoshka_batchtopk") and sae.training:
-            sae.update_threshold(
-                out.values if out.values is not None else out.codes, cfg.topk_threshold_lr
-            )
+            # A running mean until the EMA's window (1 / lr steps) fills, then the EMA: it tracks
+            # the threshold from the first steps instead of lagging behind its starting value.
+            # The window is also kept under 5% of the run: at 200 steps a 100-step window still
+            # averaged early, larger minima and eval-mode L0 came out 24 for k = 32 (MiniLM).
+            rate = max(cfg.topk_threshold_lr, 20.0 / cfg.total_steps, 1.0 / (self.step_count + 1))
+            sae.update_threshold(out.values if out.values is not None else out.codes, rate)
         B = out.recon.shape[0]
+        if self.adaptive_sparsity:
+            codes = out.values if out.values is not None else out.codes
+            l0 = float((codes > 0).sum()) / B
+            # Multiplicative feedback: the coefficient moves by (L0 / target) ** rate per step, a
+            # step of rate * log(L0 / target) in log space; (L0 + 1) keeps an all-zero batch finite.
+            ratio = (l0 + 1.0) / (cfg.l0_target + 1.0)
+            self.sparsity_coeff.mul_(ratio**cfg.sparsity_adapt_rate)
         self.since_fired += B
         self.since_fired[fired] = 0
         self.fire_counts.index_add_(0, fired.reshape(-1), torch.ones_like(fired.reshape(-1)))
@@ -341,6 +476,8 @@ class Trainer:
         }
         if grad_norm is not None:
             metrics["grad_norm"] = grad_norm
+        if self.adaptive_sparsity:
+            metrics["sparsity_coeff"] = float(self.sparsity_coeff)
         if self._last_time is not None:
             metrics["tokens_per_s"] = target.shape[0] / max(now - self._last_time, 1e-9)
         self._last_time = now
@@ -352,11 +489,23 @@ class Trainer:
         """Fraction of counted tokens on which each latent fired: ``[d_sae]``."""
         return self.fire_counts.double().cpu() / max(self.counted_tokens, 1)
 
+    @property
+    def sae(self) -> SAE:
+        """The SAE in the activations' own units, in eval mode: ``trainer.sae.encode(x)`` on raw
+        activations gives the codes the saved SAE gives. A read-only view, rebuilt after each
+        step (editing it does not change training); the module being trained, which reads
+        inputs multiplied by ``in_scale``, is :attr:`scaled_sae`."""
+        key = (self.step_count, self.initialized)
+        if getattr(self, "_view_key", None) != key:
+            self._view = self.inference_sae()
+            self._view_key = key
+        return self._view
+
     @torch.no_grad()
     def inference_sae(self) -> SAE:
         """A copy of the SAE with the input/output scaling folded into its weights, in eval mode:
         it reads and writes activations in the model's own units."""
-        sae = copy.deepcopy(self.sae).eval()
+        sae = copy.deepcopy(self.scaled_sae).eval()
         s_in, s_out = float(self.in_scale), float(self.out_scale)
         # pre = (s_in x - b_dec) W + b  = (x - b_dec / s_in) (s_in W) + b  (b_dec lives in output
         # space; for an SAE s_in == s_out). recon_raw = recon / s_out.
@@ -427,5 +576,7 @@ def _remove_parallel_decoder_grad(sae: SAE) -> None:
     if grad is None:
         return
     w = sae.W_dec
-    parallel = (grad * w).sum(-1, keepdim=True)
-    grad.sub_(parallel * w)
+    # Row-wise dots through a batched GEMV and an in-place addcmul: no [n, d] temporaries (the
+    # two products and the sum they replace were ~4% of a step at n=8192, d=768).
+    parallel = torch.einsum("nd,nd->n", grad, w).unsqueeze(-1)
+    grad.addcmul_(parallel, w, value=-1.0)

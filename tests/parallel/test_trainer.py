@@ -98,12 +98,12 @@ def test_same_weights_as_one_process(tmp_path, mode, world, arch):
     got = _consolidate(tmp_path, world, cfg["d_sae"])
     one = train_single(cfg, STEPS)
     assert int((one.since_fired >= cfg["dead_tokens"]).sum()) > 0, "AuxK was never exercised"
-    want = {k: v for k, v in one.sae.state_dict().items()}
+    want = {k: v for k, v in one.scaled_sae.state_dict().items()}
     for name, t in want.items():
         torch.testing.assert_close(got[name], t, rtol=RTOL, atol=ATOL, msg=name)
     torch.testing.assert_close(got["since_fired"], one.since_fired, rtol=0, atol=0)
     torch.testing.assert_close(got["fire_counts"], one.fire_counts, rtol=0, atol=0)
-    v = one.optimizer_of[one.sae.W_dec].state[one.sae.W_dec]["exp_avg_sq"]
+    v = one.optimizer_of[one.scaled_sae.W_dec].state[one.scaled_sae.W_dec]["exp_avg_sq"]
     torch.testing.assert_close(got["v_W_dec"], v, rtol=1e-4, atol=1e-12)
     if arch == "topk":
         _check_bytes(tmp_path, world, cfg)

@@ -74,7 +74,7 @@ def test_non_finite_weights_are_never_saved(tmp_path):
     good = save_checkpoint(trainer, tmp_path)
     trainer.step(torch.randn(128, 24))
     with torch.no_grad():
-        trainer.sae.W_enc[0, 0] = float("inf")
+        trainer.scaled_sae.W_enc[0, 0] = float("inf")
     with pytest.raises(CheckpointError, match=rf"non-finite values in sae/W_enc.*{good}"):
         save_checkpoint(trainer, tmp_path)
     assert list_checkpoints(tmp_path) == [good]
@@ -90,7 +90,7 @@ def test_format_1_checkpoints_still_load(tmp_path):
     (path / "state.json").write_text(json.dumps(meta))
     second = Trainer(small_cfg())
     load_checkpoint(second, path)
-    assert torch.equal(second.sae.W_dec, trainer.sae.W_dec)
+    assert torch.equal(second.scaled_sae.W_dec, trainer.scaled_sae.W_dec)
 
 
 def test_format_2_without_a_checksum_is_refused(tmp_path):

@@ -65,17 +65,17 @@ def test_step_works_for_every_architecture_and_transcoders(arch, shape):
     if shape != "sae":
         kw.update(d_out=16, skip_connection=shape == "skip_transcoder")
     trainer = Trainer(small_cfg(architecture=arch, **kw))
-    before = {n: p.detach().clone() for n, p in trainer.sae.named_parameters()}
+    before = {n: p.detach().clone() for n, p in trainer.scaled_sae.named_parameters()}
     for i in range(3):
         y = batch(100 + i)[:, :16] if shape != "sae" else None
         metrics = trainer.step(batch(i), y)
     assert metrics["step"] == 3 and metrics["tokens"] == 3 * 128
     for key in ("loss", "mse", "fvu", "l0", "dead_pct", "lr"):
         assert key in metrics and metrics[key] == metrics[key]  # present and not NaN
-    changed = [n for n, p in trainer.sae.named_parameters() if not torch.equal(p, before[n])]
+    changed = [n for n, p in trainer.scaled_sae.named_parameters() if not torch.equal(p, before[n])]
     assert "W_enc" in changed and "W_dec" in changed
     if trainer.cfg.decoder_normalized:
-        assert_close(trainer.sae.W_dec.norm(dim=-1), torch.ones(96))
+        assert_close(trainer.scaled_sae.W_dec.norm(dim=-1), torch.ones(96))
 
 
 def _run(cfg, start, stop, trainer=None):
@@ -96,7 +96,9 @@ def test_resume_is_exact(tmp_path, arch, optimizer_in_backward):
     assert load_checkpoint(second, path) == {"batches": 5}
     _run(cfg, 5, 10, second)
     for (name, a), b in zip(
-        straight.sae.state_dict().items(), second.sae.state_dict().values(), strict=True
+        straight.scaled_sae.state_dict().items(),
+        second.scaled_sae.state_dict().values(),
+        strict=True,
     ):
         assert torch.equal(a, b), f"{name} differs after resume"
     assert torch.equal(straight.since_fired, second.since_fired)
@@ -106,18 +108,18 @@ def test_resume_is_exact(tmp_path, arch, optimizer_in_backward):
 def test_optimizer_in_backward_matches_plain_adam():
     plain = _run(small_cfg(optimizer_in_backward=False), 0, 6)
     fused = _run(small_cfg(optimizer_in_backward=True), 0, 6)
-    for a, b in zip(plain.sae.parameters(), fused.sae.parameters(), strict=True):
+    for a, b in zip(plain.scaled_sae.parameters(), fused.scaled_sae.parameters(), strict=True):
         assert torch.equal(a, b)
 
 
 def test_nan_loss_stops_before_the_update():
     trainer = _run(small_cfg(), 0, 3)
-    before = {n: p.detach().clone() for n, p in trainer.sae.named_parameters()}
+    before = {n: p.detach().clone() for n, p in trainer.scaled_sae.named_parameters()}
     bad = batch(3)
     bad[5, 2] = float("nan")
     with pytest.raises(NonFiniteLossError, match="at step 4"):
         trainer.step(bad)
-    for n, p in trainer.sae.named_parameters():
+    for n, p in trainer.scaled_sae.named_parameters():
         assert torch.equal(p, before[n]), n
     assert trainer.step_count == 3
 
@@ -129,8 +131,8 @@ def test_auxk_gradient_reaches_the_encoder():
     dead[48:] = True
     x = (batch(1) * trainer.in_scale.item()).float()
     with ops.use_backend("torch"):
-        result = trainer.sae.loss(x, dead_mask=dead, aux_coeff=1.0)
-    grad = torch.autograd.grad(result.terms["auxk"], trainer.sae.W_enc)[0]
+        result = trainer.scaled_sae.loss(x, dead_mask=dead, aux_coeff=1.0)
+    grad = torch.autograd.grad(result.terms["auxk"], trainer.scaled_sae.W_enc)[0]
     assert torch.any(grad[:, dead] != 0), "AuxK must train the dead latents' encoder columns"
 
 
@@ -203,7 +205,9 @@ def test_saved_sae_loads_in_saelens_with_identical_outputs(tmp_path):
         assert_close(sl.encode(x), ours.encode(x))
         assert_close(sl(x), ours(x).recon)
         # the saved SAE reads raw activations: the input scaling is folded in
-        scaled = trainer.sae(x.float() * trainer.in_scale.item()).recon / trainer.out_scale.item()
+        scaled = (
+            trainer.scaled_sae(x.float() * trainer.in_scale.item()).recon / trainer.out_scale.item()
+        )
         assert_close(ours(x).recon, scaled)
     sparsity = json.loads((tmp_path / "sae" / "cfg.json").read_text())
     assert sparsity["metadata"]["sae_lens_version"] >= "6"

@@ -11,7 +11,7 @@ from tests.train.test_trainer import batch, small_cfg
 
 def _snapshot(trainer):
     return {
-        "params": {n: p.detach().clone() for n, p in trainer.sae.named_parameters()},
+        "params": {n: p.detach().clone() for n, p in trainer.scaled_sae.named_parameters()},
         "in_scale": trainer.in_scale.clone(),
         "out_scale": trainer.out_scale.clone(),
         "initialized": trainer.initialized,
@@ -65,7 +65,7 @@ def test_bad_first_batch_is_refused_and_a_good_one_then_initialises(make, messag
         "tokens_per_s": 0
     }
     assert torch.isfinite(trainer.in_scale) and trainer.in_scale == fresh.in_scale
-    assert torch.equal(trainer.sae.b_dec, fresh.sae.b_dec)
+    assert torch.equal(trainer.scaled_sae.b_dec, fresh.scaled_sae.b_dec)
 
 
 def test_bad_transcoder_target_in_the_first_batch_is_refused():
