@@ -55,6 +55,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from fastsae.kernels._launch import launch
+
 __all__ = ["MAX_K", "Blocks", "blocks_for", "compile_configs", "select_topk"]
 
 # ---------------------------------------------------------------------------------------------
@@ -385,17 +387,18 @@ def _run(x_in, W_enc, b_enc, k, threshold, dead_mask, k_aux, slab, splits, block
         stop = min(start + width, n)
         scores = _scores(x_in, W_enc, b_enc, start, stop)
         for state, blk, per_split, dead in states:
-            kernel, grid, kwargs = _fwd_plan(
-                scores,
-                start,
-                threshold,
-                dead,
-                state,
-                first=start == 0,
-                blocks=blk,
-                cols_per_split=per_split,
+            launch(
+                _fwd_plan(
+                    scores,
+                    start,
+                    threshold,
+                    dead,
+                    state,
+                    first=start == 0,
+                    blocks=blk,
+                    cols_per_split=per_split,
+                )
             )
-            kernel[grid](**kwargs)
         del scores
     top, idx = _merge(states[0][0], k, n)
     if not k_aux:
