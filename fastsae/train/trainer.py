@@ -215,16 +215,31 @@ class Trainer:
 
     def step(self, x: Tensor, y: Tensor | None = None) -> dict[str, float]:
         """One optimizer step on ``x [B, d_in]`` (and target ``y [B, d_out]`` for transcoders)."""
-        cfg, sae = self.cfg, self.sae
+        sae = self.sae
         if x.ndim != 2 or x.shape[1] != sae.d_in:
             raise ValueError(f"x has shape {tuple(x.shape)}; expected [B, {sae.d_in}]")
         if sae.d_out != sae.d_in and y is None:
             raise ValueError(f"a transcoder (d_out={sae.d_out}) needs the target y")
         if not self.initialized:
             self.initialize(x, y)
-        x = (x.to(self.device, torch.float64) * self.in_scale.item()).to(sae.dtype)
+        x, y = self.normalize(x, y)
+        return self.step_normalized(x, y)
+
+    def normalize(self, x: Tensor, y: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """``x`` and ``y`` scaled by the input/output scales, on the device, in the SAE's dtype.
+
+        A pure function of ``(x, in_scale, dtype)``: a group of SAEs on one hook shares it
+        (:mod:`fastsae.train.group`)."""
+        dtype = self.sae.dtype
+        x = (x.to(self.device, torch.float64) * self.in_scale.item()).to(dtype)
         if y is not None:
-            y = (y.to(self.device, torch.float64) * self.out_scale.item()).to(sae.dtype)
+            y = (y.to(self.device, torch.float64) * self.out_scale.item()).to(dtype)
+        return x, y
+
+    def step_normalized(self, x: Tensor, y: Tensor | None = None) -> dict[str, float]:
+        """:meth:`step` on inputs already passed through :meth:`normalize` (after
+        :meth:`initialize`)."""
+        cfg, sae = self.cfg, self.sae
         dead = self.since_fired >= cfg.dead_tokens
         dead_mask = dead if bool(dead.any()) else None
         lr = self.lr_at(self.step_count)
