@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from benchmarks import pipeline
+from benchmarks import group, pipeline
 from benchmarks.harness import Case
 from benchmarks.steps import trainer_step
 from fastsae import ops
@@ -259,7 +259,18 @@ def demo_training_run(B: int, d: int, n: int, k: int) -> Case:
     return pipeline.demo_training_run(suite="full" if B >= 4096 else "smoke")
 
 
-Builder = Callable[[int, int, int, int], Case]
+def sweep_group_live(B: int, d: int, n: int, k: int, members: int = 2) -> Case:
+    """Hook point: N SAEs as one group vs N separate runs, live model (see
+    :mod:`benchmarks.group`)."""
+    return group.group_vs_separate(B, d, n, k, members=members, cached=0)
+
+
+def sweep_group_cache(B: int, d: int, n: int, k: int, members: int = 2) -> Case:
+    """The same from an on-disk activation cache (see :mod:`benchmarks.group`)."""
+    return group.group_vs_separate(B, d, n, k, members=members, cached=1)
+
+
+Builder = Callable[..., Case]
 REGISTRY: dict[str, Builder] = {
     "sparse_decode_fwd_bwd": sparse_decode_fwd_bwd,
     "encoder_backward": encoder_backward,
@@ -269,6 +280,8 @@ REGISTRY: dict[str, Builder] = {
     "trainer_step": trainer_step,
     "shuffler_throughput": shuffler_throughput,
     "demo_training_run": demo_training_run,
+    "sweep_group_live": sweep_group_live,
+    "sweep_group_cache": sweep_group_cache,
 }
 
 
@@ -284,6 +297,8 @@ def plan(
             continue
         if name == "encode_topk_fwd" and suite == "full" and not override:
             out += [(name, {**size, "n": n}) for n in (16384, 65536)]
+        elif name.startswith("sweep_group_"):
+            out += [(name, {**size, "members": m}) for m in group.SIZES[suite]["members"]]
         else:
             out.append((name, dict(size)))
     return out

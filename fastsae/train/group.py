@@ -33,9 +33,11 @@ picks the newest step that every running member holds.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -129,6 +131,7 @@ def run_group(
     seed = base.seed if data_seed is None else data_seed
     data_cfg = dataclasses.replace(base, hook=hooks[0], hook_out=None, seed=seed)
     data = open_data(data_cfg, device=device, log=log, extra_hooks=hooks)
+    _share_model_safely(data)
     try:
         return _run(slots, data, device, out_dir, resume, stop_after_steps, log)
     finally:
@@ -342,6 +345,41 @@ def _guard(s: _Slot, fn, log):
         return None
 
 
+class _LockedSource:
+    """An activation source whose model calls hold ``lock``: the shuffler's fill thread runs the
+    model while a member is evaluated, which also runs it (and splices hooks into it); one model
+    must serve one caller at a time, or hooks mix across threads."""
+
+    def __init__(self, source, lock: threading.RLock):
+        self._source = source
+        self._lock = lock
+
+    def __getattr__(self, name: str):
+        return getattr(self._source, name)
+
+    def activations(self, *args, **kwargs):
+        with self._lock:
+            return self._source.activations(*args, **kwargs)
+
+    def stream(self, batches, **kwargs):
+        chunks = self._source.stream(batches, **kwargs)
+        while True:
+            with self._lock:
+                chunk = next(chunks, None)
+            if chunk is None:
+                return
+            yield chunk
+
+
+def _share_model_safely(data) -> None:
+    """Give ``data`` a ``model_lock`` held by every model call, unless it has one already."""
+    if getattr(data, "model_lock", None) is not None:
+        return
+    data.model_lock = threading.RLock()
+    if getattr(data, "source", None) is not None:
+        data.source = _LockedSource(data.source, data.model_lock)
+
+
 def _member_data(s: _Slot, data):
     """``data`` seen through the member's hooks (what ``run._evaluate`` reads)."""
     view = copy.copy(data)
@@ -350,9 +388,14 @@ def _member_data(s: _Slot, data):
 
 
 def _evaluate(s: _Slot, data) -> dict[str, Any]:
+    from fastsae import ops
     from fastsae.train.run import _evaluate as evaluate
 
-    return evaluate(s.trainer, _member_data(s, data))
+    # the member's backend, as in training (an ``auto`` evaluation under TRITON_INTERPRET=1
+    # would run the Triton kernels interpreted: minutes)
+    lock = data.model_lock if data.model is not None else contextlib.nullcontext()
+    with lock, ops.use_backend(s.cfg.backend):
+        return evaluate(s.trainer, _member_data(s, data))
 
 
 def _finish(s: _Slot, data) -> None:
