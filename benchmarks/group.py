@@ -30,7 +30,7 @@ GRIDS = {
 }
 SIZES = {
     "smoke": {"tokens": 2048, "B": 256, "context": 64, "eval_tokens": 256, "members": [2]},
-    "full": {"tokens": 32768, "B": 1024, "context": 128, "eval_tokens": 1024, "members": [4, 16]},
+    "full": {"tokens": 16384, "B": 1024, "context": 128, "eval_tokens": 1024, "members": [4, 16]},
 }
 
 

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastsae.train.__main__ import main
+from fastsae import ops
+from fastsae.train.__main__ import main as _main
 from fastsae.train.checkpoint import latest_checkpoint, read_checkpoint
 from tests.train.test_cli import SMALL
 
@@ -27,6 +28,13 @@ SOLO = {
     "b": ["--d-sae", "384", "--k", "16", "--hook", "blocks.0.hook_resid_post"],
     "c": ["--d-sae", "256", "--k", "8", "--architecture", "batchtopk"],
 }
+
+
+def main(argv: list[str]) -> int:
+    # A solo run evaluates under the default backend, which is the interpreted Triton one under
+    # TRITON_INTERPRET=1 (minutes); the group evaluates under the member's backend.
+    with ops.use_backend("torch"):
+        return _main(argv)
 
 
 def _sweep(tmp_path: Path, text: str = SWEEP) -> str:
