@@ -290,7 +290,7 @@ def _run(slots, data, device, out_dir: Path, resume, stop_after_steps, log) -> d
 def _step_all(running: list[_Slot], batch: dict[str, torch.Tensor], log) -> None:
     """One step of every running member on ``batch``; the initialisation and the scaled inputs
     are computed once per key and shared."""
-    inits: dict[tuple, Trainer] = {}
+    inits: dict[tuple, tuple] = {}
     scaled: dict[tuple, tuple] = {}
     for s in running:
         t = s.trainer
@@ -301,7 +301,7 @@ def _step_all(running: list[_Slot], batch: dict[str, torch.Tensor], log) -> None
         if not t.initialized:
             key = (s.cfg.hook, s.cfg.hook_out, s.cfg.normalize_activations)
             key += (s.cfg.init_b_dec, t.sae.dtype, t.sae.d_out != t.sae.d_in)
-            _initialize_shared(t, inits.setdefault(key, t), x, y)
+            _initialize_shared(t, inits, key, x, y)
         key = (s.cfg.hook, s.cfg.hook_out, float(t.in_scale), float(t.out_scale), t.sae.dtype)
         if key not in scaled:
             scaled[key] = t.normalize(x, y)
@@ -314,14 +314,17 @@ def _step_all(running: list[_Slot], batch: dict[str, torch.Tensor], log) -> None
 
 
 @torch.no_grad()
-def _initialize_shared(t: Trainer, donor: Trainer, x, y) -> None:
-    """``t.initialize(x, y)``, or a copy of ``donor``'s result (same inputs, same settings)."""
-    if donor is t or not donor.initialized:
+def _initialize_shared(t: Trainer, inits: dict[tuple, tuple], key: tuple, x, y) -> None:
+    """``t.initialize(x, y)``, once per ``key``; later members copy the result as it was before
+    any member stepped (the first member's ``b_dec`` moves with its first update)."""
+    if key not in inits:
         t.initialize(x, y)
+        inits[key] = (t.in_scale.clone(), t.out_scale.clone(), t.sae.b_dec.detach().clone())
         return
-    t.in_scale = donor.in_scale.clone()
-    t.out_scale = donor.out_scale.clone()
-    t.sae.b_dec.copy_(donor.sae.b_dec)
+    in_scale, out_scale, b_dec = inits[key]
+    t.in_scale = in_scale.clone()
+    t.out_scale = out_scale.clone()
+    t.sae.b_dec.copy_(b_dec)
     t.initialized = True
 
 
