@@ -133,3 +133,56 @@ def _with_out(cfg, out_dir: Path):
     import dataclasses
 
     return dataclasses.replace(cfg, out_dir=str(out_dir))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m benchmarks.group [--suite full|smoke] [--members 4 16] [--sources live cache]``:
+    one call of each provider, timed and with its peak RSS in the same call (no separate memory
+    run: at N=16 one call of the separate runs takes minutes on two loaded cores), appended case by
+    case to ``benchmarks/results/sweep-<device>.json`` (``{"runs": [{"environment", "results"}]}``,
+    as :mod:`benchmarks.data_cases` does), so a run cut short keeps what it measured."""
+    import argparse
+    import json
+    import time
+
+    from benchmarks.harness import environment
+    from benchmarks.memory import measure_call
+
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.group", description=__doc__)
+    parser.add_argument("--suite", choices=("smoke", "full"), default="full")
+    parser.add_argument("--members", type=int, nargs="+", default=None)
+    parser.add_argument(
+        "--sources", nargs="+", choices=("live", "cache"), default=["live", "cache"]
+    )
+    args = parser.parse_args(argv)
+    env = environment()
+    out = Path(__file__).parent / "results" / f"sweep-{env['device'].replace('/', '_')}.json"
+    runs = json.loads(out.read_text())["runs"] if out.exists() else []
+    run = {"environment": env, "results": []}
+    runs.append(run)
+    B = 4096 if args.suite == "full" else 256
+    for members in args.members or SIZES[args.suite]["members"]:
+        for source in args.sources:
+            case = group_vs_separate(B, 0, 0, 0, members=members, cached=int(source == "cache"))
+            row = {"case": case.name, "shapes": case.shapes, "notes": case.notes}
+            try:
+                for name, fn in case.providers.items():
+                    start = time.perf_counter()
+                    memory = measure_call(fn)
+                    row[name] = {
+                        "seconds": time.perf_counter() - start,
+                        "peak_rss_mb": memory.peak / 2**20 if memory else None,
+                        "peak_delta_mb": memory.delta / 2**20 if memory else None,
+                    }
+            finally:
+                case.teardown()
+            row["time_ratio_group_vs_separate"] = (
+                row["group-one-pass"]["seconds"] / row["separate-runs"]["seconds"]
+            )
+            run["results"].append(row)
+            out.write_text(json.dumps({"runs": runs}, indent=1) + "\n")
+            print(json.dumps(row))
+
+
+if __name__ == "__main__":
+    main()
