@@ -124,7 +124,7 @@ def split_grid_flags(argv: list[str]) -> tuple[list[str], dict[str, list[Any]]]:
     """Take the grid flags (``--k 16,32``) out of ``argv``; returns the rest and the grid.
 
     Only scalar ``TrainConfig`` fields take a comma-separated list; a bad value raises a
-    ValueError naming the flag (``--k: 'x' is not a valid float (in '16,x')``)."""
+    ValueError naming the flag (``--k: 'x' is not a valid float``)."""
     types = _field_types()
     flags = {"--" + name.replace("_", "-"): name for name, (_, is_list) in types.items()}
     rest: list[str] = []
