@@ -165,8 +165,10 @@ def main(argv: list[str] | None = None) -> None:
         for source in args.sources:
             case = group_vs_separate(B, 0, 0, 0, members=members, cached=int(source == "cache"))
             row = {"case": case.name, "shapes": case.shapes, "notes": case.notes}
+            row["order"] = "separate-first" if args.separate_first else "group-first"
             try:
-                for name, fn in case.providers.items():
+                order = list(case.providers.items())
+                for name, fn in reversed(order) if args.separate_first else order:
                     start = time.perf_counter()
                     memory = measure_call(fn)
                     row[name] = {
