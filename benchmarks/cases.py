@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from benchmarks import analysis_cases, pipeline
+from benchmarks import analysis_cases, group, pipeline
 from benchmarks.harness import Case
 from benchmarks.steps import trainer_step
 from fastsae import ops
@@ -324,6 +324,17 @@ def dashboard_generation(B: int, d: int, n: int, k: int, tokens: int | None = No
     return analysis_cases.dashboard_generation("full" if B >= 4096 else "smoke", tokens)
 
 
+def sweep_group_live(B: int, d: int, n: int, k: int, members: int = 2) -> Case:
+    """Hook point: N SAEs as one group vs N separate runs, live model (see
+    :mod:`benchmarks.group`)."""
+    return group.group_vs_separate(B, d, n, k, members=members, cached=0)
+
+
+def sweep_group_cache(B: int, d: int, n: int, k: int, members: int = 2) -> Case:
+    """The same from an on-disk activation cache (see :mod:`benchmarks.group`)."""
+    return group.group_vs_separate(B, d, n, k, members=members, cached=1)
+
+
 Builder = Callable[..., Case]
 REGISTRY: dict[str, Builder] = {
     "sparse_decode_fwd_bwd": sparse_decode_fwd_bwd,
@@ -336,6 +347,8 @@ REGISTRY: dict[str, Builder] = {
     "shuffler_throughput": shuffler_throughput,
     "demo_training_run": demo_training_run,
     "dashboard_generation": dashboard_generation,
+    "sweep_group_live": sweep_group_live,
+    "sweep_group_cache": sweep_group_cache,
 }
 
 
@@ -353,6 +366,8 @@ def plan(
             out += [(name, {**size, "n": n}) for n in (16384, 65536)]
         elif name == "dashboard_generation" and suite == "full" and not override:
             out += [(name, {**size, "tokens": t}) for t in (100_000, 1_000_000)]
+        elif name.startswith("sweep_group_"):
+            out += [(name, {**size, "members": m}) for m in group.SIZES[suite]["members"]]
         else:
             out.append((name, dict(size)))
     return out

@@ -34,6 +34,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--preset", choices=sorted(PRESETS), help="named preset applied first")
     parser.add_argument("--config", metavar="FILE", help="JSON or YAML file of TrainConfig fields")
     parser.add_argument("--resume", metavar="DIR", help="run or checkpoint directory to continue")
+    parser.add_argument(
+        "--sweep",
+        metavar="FILE|NAME",
+        help="train a group of SAEs on one activation stream: a sweep YAML/JSON file or a named "
+        "sweep (default); a comma list on any flag (--k 16,32) also makes a grid",
+    )
     parser.add_argument("--print-config", action="store_true", help="print the config and exit")
     parser.add_argument(
         "--stop-after-steps",
@@ -73,8 +79,16 @@ def main(argv: list[str] | None = None) -> int:
     """Exit status: 0 done, 130 interrupted (checkpoint written), 2 bad input (one ``error:``
     line, before anything loads where it can be), 1 a failure while running (non-finite loss,
     out of memory, a write that failed)."""
+    from fastsae.train.sweep import main_sweep, split_grid_flags, wants_sweep
+
     parser = build_parser()
+    try:
+        argv, grid = split_grid_flags(sys.argv[1:] if argv is None else list(argv))
+    except ValueError as e:
+        parser.error(str(e))
     args = parser.parse_args(argv)
+    if wants_sweep(args, grid):
+        return main_sweep(parser, args, grid)
     try:
         cfg = config_from_args(args)
     except (ValueError, TypeError) as e:

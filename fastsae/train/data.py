@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -36,7 +36,14 @@ __all__ = ["TrainData", "open_data"]
 class TrainData:
     """Batches ``(x [B, d_in], y [B, d_out] or None)`` and evaluation data for one run."""
 
-    def __init__(self, cfg: TrainConfig, *, device: torch.device, log=print):
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        *,
+        device: torch.device,
+        log=print,
+        extra_hooks: Sequence[str] = (),
+    ):
         self.cfg = cfg
         self.device = device
         self.log = log
@@ -49,6 +56,9 @@ class TrainData:
         #: Held by every model call (the fill thread's and evaluation's); see the module docstring.
         self.model_lock = threading.RLock()
         self.hooks = [cfg.hook] + ([cfg.hook_out] if cfg.hook_out else [])
+        for hook in extra_hooks:  # a group of SAEs reads several hooks of one pass
+            if hook not in self.hooks:
+                self.hooks.append(hook)
         if cfg.cache_dir is not None:
             self._open_cache()
         else:
@@ -66,7 +76,7 @@ class TrainData:
             from fastsae.data.sources import unknown_hook_error
 
             raise unknown_hook_error(missing, list(self.cache.hooks), "hook in the cache")
-        dims = self.cache.dims
+        dims = self.dims = dict(self.cache.dims)
         self.d_in = dims[cfg.hook]
         self.d_out = dims[cfg.hook_out] if cfg.hook_out else None
         self.model_name = self.cache.manifest.get("model")
@@ -88,7 +98,7 @@ class TrainData:
         self.model_name = opened.name
         self.model = getattr(self.source, "model", None)
         self.is_transformer_lens = type(self.source).__name__ == "TransformerLensSource"
-        dims = self.source.dims
+        dims = self.dims = dict(self.source.dims)
         self.d_in = dims[cfg.hook]
         self.d_out = dims[cfg.hook_out] if cfg.hook_out else None
         self.context_size = min(cfg.context_size, opened.context_size)
@@ -158,6 +168,14 @@ class TrainData:
     # -- the training stream -----------------------------------------------------------------------
 
     def next_batch(self) -> tuple[Tensor, Tensor | None]:
+        batch = self.next_columns()
+        x = batch[self.cfg.hook]
+        y = batch[self.cfg.hook_out] if self.cfg.hook_out else None
+        # A CUDA batch is a view of a reused buffer; the step consumes it before the next call.
+        return x, y
+
+    def next_columns(self) -> dict[str, Tensor]:
+        """The next shuffled batch: ``{hook: [B, d_hook]}`` for every hook in :attr:`hooks`."""
         if self._iter is None:
             self._start_epoch()
         while True:
@@ -173,10 +191,7 @@ class TrainData:
                 self.batch = 0
                 self._start_epoch()
         self.batch += 1
-        x = batch[self.cfg.hook]
-        y = batch[self.cfg.hook_out] if self.cfg.hook_out else None
-        # A CUDA batch is a view of a reused buffer; the step consumes it before the next call.
-        return x, y
+        return batch
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "batch": self.batch}
@@ -238,5 +253,7 @@ class TrainData:
             self._iter = None
 
 
-def open_data(cfg: TrainConfig, *, device: torch.device, log=print) -> TrainData:
-    return TrainData(cfg, device=device, log=log)
+def open_data(
+    cfg: TrainConfig, *, device: torch.device, log=print, extra_hooks: Sequence[str] = ()
+) -> TrainData:
+    return TrainData(cfg, device=device, log=log, extra_hooks=extra_hooks)

@@ -26,7 +26,7 @@ import torch
 from fastsae.config import TOPK_FAMILY, dtype_from_name
 from fastsae.ops._torch import SLAB_ELEMENTS
 
-__all__ = ["MemoryEstimate", "available_bytes", "estimate"]
+__all__ = ["MemoryEstimate", "available_bytes", "estimate", "estimate_group"]
 
 GiB = 2**30
 
@@ -99,3 +99,16 @@ def available_bytes(device: torch.device) -> int:
     except OSError:
         pass
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def estimate_group(estimates: list[MemoryEstimate], host_buffer: int) -> MemoryEstimate:
+    """A group of SAEs trained on one stream: every member keeps its weights, gradients and Adam
+    moments, but members step one after another, so only the largest member's activations are
+    live at once; the shuffler's buffer holds every hook once (``host_buffer``)."""
+    return MemoryEstimate(
+        weights=sum(e.weights for e in estimates),
+        grads=sum(e.grads for e in estimates),
+        adam=sum(e.adam for e in estimates),
+        activations=max((e.activations for e in estimates), default=0),
+        host_buffer=host_buffer,
+    )

@@ -364,7 +364,7 @@ class Trainer:
             ValueError: a wrong shape, or a first batch that cannot initialise the trainer.
             NonFiniteLossError: the loss is NaN or infinite (the weights are not updated).
         """
-        cfg, sae = self.cfg, self.scaled_sae
+        sae = self.scaled_sae
         _check_batch("x", x, sae.d_in)
         if y is not None:
             _check_batch("y", y, sae.d_out)
@@ -374,9 +374,24 @@ class Trainer:
             raise ValueError(f"a transcoder (d_out={sae.d_out}) needs the target y")
         if not self.initialized:
             self.initialize(x, y)
-        x = (x.to(self.device, torch.float64) * self.in_scale.item()).to(sae.dtype)
+        x, y = self.normalize(x, y)
+        return self.step_normalized(x, y)
+
+    def normalize(self, x: Tensor, y: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """``x`` and ``y`` scaled by the input/output scales, on the device, in the SAE's dtype.
+
+        A pure function of ``(x, in_scale, dtype)``: a group of SAEs on one hook shares it
+        (:mod:`fastsae.train.group`)."""
+        dtype = self.scaled_sae.dtype
+        x = (x.to(self.device, torch.float64) * self.in_scale.item()).to(dtype)
         if y is not None:
-            y = (y.to(self.device, torch.float64) * self.out_scale.item()).to(sae.dtype)
+            y = (y.to(self.device, torch.float64) * self.out_scale.item()).to(dtype)
+        return x, y
+
+    def step_normalized(self, x: Tensor, y: Tensor | None = None) -> dict[str, float]:
+        """:meth:`step` on inputs already passed through :meth:`normalize` (after
+        :meth:`initialize`)."""
+        cfg, sae = self.cfg, self.scaled_sae
         dead = self.since_fired >= cfg.dead_after_tokens
         dead_mask = dead if bool(dead.any()) else None
         lr = self.lr_at(self.step_count)

@@ -1,0 +1,190 @@
+"""Sweep benchmarks: N SAEs trained as one group on one activation stream
+(:func:`fastsae.train.group.run_group`) against the same N SAEs trained as N separate runs
+(:func:`fastsae.train.run.run`), end to end: opening the model or cache, training, the final
+evaluation and every file each run writes. Same configs, same batches, bit-identical SAEs.
+
+- ``sweep_group_live``: activations from the embedded model. The group runs the model once per
+  batch for every member; separate runs each load and run it. Goal: group <= 0.5x separate where
+  the model's forward pass dominates.
+- ``sweep_group_cache``: activations from an on-disk cache of the same model (written once when the
+  case is built). Little is shared but the cache read: goal, no slower than separate runs.
+
+Members mix widths and k (a grid of ``d_sae`` x ``k``, see :data:`GRIDS`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import shutil
+import tempfile
+from pathlib import Path
+
+from benchmarks.harness import Case, Unavailable
+
+HOOK = "blocks.1.hook_resid_post"
+#: members -> (widths, ks): the grid of d_sae x k
+GRIDS = {
+    2: ([128], [4, 8]),
+    4: ([128, 256], [4, 8]),
+    16: ([128, 256, 512, 1024], [4, 8, 16, 32]),
+}
+SIZES = {
+    "smoke": {"tokens": 2048, "B": 256, "context": 64, "eval_tokens": 256, "members": [2]},
+    "full": {"tokens": 16384, "B": 1024, "context": 128, "eval_tokens": 1024, "members": [4, 16]},
+}
+
+
+def _configs(members: int, size: dict, cache_dir: str | None):
+    from fastsae.train import TrainConfig
+
+    widths, ks = GRIDS[members]
+    base = TrainConfig(
+        hook=HOOK,
+        cache_dir=cache_dir,
+        total_tokens=size["tokens"],
+        batch_size=size["B"],
+        buffer_tokens=4 * size["B"],
+        context_size=size["context"],
+        model_batch_size=16,
+        eval_tokens=size["eval_tokens"],
+        warmup_steps=2,
+        progress=False,
+        backend="torch",
+        log_every=10,
+    )
+    from fastsae.train.sweep import Member
+
+    return [
+        Member(f"n{n}-k{k}", TrainConfig(**{**base.to_dict(), "d_sae": n, "k": k}))
+        for n, k in itertools.product(widths, ks)
+    ]
+
+
+def _write_cache(path: Path, size: dict) -> None:
+    from fastsae.data import open_source, text, write_cache
+
+    opened = open_source(hooks=[HOOK])
+    seqs = text.token_sequences(text.load_rows(), opened.tokenizer, size["context"])
+    write_cache(path, opened.source, seqs, tokens=2 * size["tokens"], shard_tokens=1 << 14)
+
+
+def group_vs_separate(B: int, d: int, n: int, k: int, members: int = 4, cached: int = 0) -> Case:
+    """One case: ``members`` SAEs, as a group and as separate runs (B, d, n, k are the suite's
+    sizes; only B picks smoke or full here)."""
+    suite = "full" if B >= 4096 else "smoke"
+    size = SIZES[suite]
+    name = "sweep_group_cache" if cached else "sweep_group_live"
+    try:
+        import fastsae.demo  # noqa: F401
+        from fastsae.train.group import run_group
+        from fastsae.train.run import run
+    except ImportError as exc:
+        raise Unavailable(f"fastsae.train or the demo model is not importable: {exc}") from None
+    work = Path(tempfile.mkdtemp(prefix="fastsae-bench-sweep-"))
+    cache_dir = None
+    if cached:
+        cache_dir = str(work / "cache")
+        _write_cache(Path(cache_dir), size)
+    configs = _configs(members, size, cache_dir)
+    counter = itertools.count()
+
+    def quiet(*args, **kwargs) -> None:
+        pass
+
+    def out(kind: str) -> Path:
+        path = work / f"{kind}-{next(counter)}"
+        return path
+
+    def group() -> None:
+        root = out("group")
+        group_members = [type(m)(m.name, _with_out(m.cfg, root)) for m in configs]
+        result = run_group(group_members, log=quiet)
+        shutil.rmtree(root, ignore_errors=True)
+        if any(r["status"] != "done" for r in result["members"]):
+            raise RuntimeError(f"a member did not finish: {result['members']}")
+
+    def separate() -> None:
+        root = out("separate")
+        for m in configs:
+            run(_with_out(m.cfg, root / m.name), log=quiet)
+        shutil.rmtree(root, ignore_errors=True)
+
+    steps = size["tokens"] // size["B"]
+    return Case(
+        name=name,
+        mode="step",
+        shapes={"members": members, "tokens": size["tokens"], "B": size["B"], "d": 128},
+        providers={"group-one-pass": group, "separate-runs": separate},
+        baseline="separate-runs",
+        items=steps * size["B"] * members,
+        items_unit="member-tokens",
+        notes=(
+            f"{members} TopK SAEs (d_sae x k = {GRIDS[members][0]} x {GRIDS[members][1]}) on "
+            f"the embedded model's {HOOK} "
+            + ("from an on-disk cache" if cached else "run live")
+            + "; end to end: open, train, final eval, files; goal: ratio <= 0.5 (live), <= 1 (cache)"
+        ),
+        repeats=1 if suite == "full" else 2,
+        teardown=lambda: shutil.rmtree(work, ignore_errors=True),
+    )
+
+
+def _with_out(cfg, out_dir: Path):
+    import dataclasses
+
+    return dataclasses.replace(cfg, out_dir=str(out_dir))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m benchmarks.group [--suite full|smoke] [--members 4 16] [--sources live cache]``:
+    one call of each provider, timed and with its peak RSS in the same call (no separate memory
+    run: at N=16 one call of the separate runs takes minutes on two loaded cores), appended case by
+    case to ``benchmarks/results/sweep-<device>.json`` (``{"runs": [{"environment", "results"}]}``,
+    as :mod:`benchmarks.data_cases` does), so a run cut short keeps what it measured."""
+    import argparse
+    import json
+    import time
+
+    from benchmarks.harness import environment
+    from benchmarks.memory import measure_call
+
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.group", description=__doc__)
+    parser.add_argument("--suite", choices=("smoke", "full"), default="full")
+    parser.add_argument("--members", type=int, nargs="+", default=None)
+    parser.add_argument(
+        "--sources", nargs="+", choices=("live", "cache"), default=["live", "cache"]
+    )
+    args = parser.parse_args(argv)
+    env = environment()
+    out = Path(__file__).parent / "results" / f"sweep-{env['device'].replace('/', '_')}.json"
+    runs = json.loads(out.read_text())["runs"] if out.exists() else []
+    run = {"environment": env, "results": []}
+    runs.append(run)
+    B = 4096 if args.suite == "full" else 256
+    for members in args.members or SIZES[args.suite]["members"]:
+        for source in args.sources:
+            case = group_vs_separate(B, 0, 0, 0, members=members, cached=int(source == "cache"))
+            row = {"case": case.name, "shapes": case.shapes, "notes": case.notes}
+            row["order"] = "separate-first" if args.separate_first else "group-first"
+            try:
+                order = list(case.providers.items())
+                for name, fn in reversed(order) if args.separate_first else order:
+                    start = time.perf_counter()
+                    memory = measure_call(fn)
+                    row[name] = {
+                        "seconds": time.perf_counter() - start,
+                        "peak_rss_mb": memory.peak / 2**20 if memory else None,
+                        "peak_delta_mb": memory.delta / 2**20 if memory else None,
+                    }
+            finally:
+                case.teardown()
+            row["time_ratio_group_vs_separate"] = (
+                row["group-one-pass"]["seconds"] / row["separate-runs"]["seconds"]
+            )
+            run["results"].append(row)
+            out.write_text(json.dumps({"runs": runs}, indent=1) + "\n")
+            print(json.dumps(row))
+
+
+if __name__ == "__main__":
+    main()
