@@ -65,9 +65,8 @@ def _slab_tensors(trainer) -> dict[str, torch.Tensor]:
     for name, t in trainer.scaled_sae.state_dict().items():
         tensors[f"sae/{name}"] = t
     for name, p in trainer.scaled_sae.named_parameters():
-        for key, value in trainer.optimizer_of[p].state.get(p, {}).items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"optim/{name}/{key}"] = value
+        for key, value in trainer.optimizer_state(p).items():
+            tensors[f"optim/{name}/{key}"] = value
     tensors["trainer/since_fired"] = trainer.since_fired
     tensors["trainer/fire_counts"] = trainer.fire_counts
     tensors["trainer/in_scale"] = trainer.in_scale
@@ -198,10 +197,7 @@ def load_sharded(trainer, path: str | Path) -> dict[str, Any]:
         for key, value in tensors.items():
             if key.startswith("optim/"):
                 _, pname, skey = key.split("/", 2)
-                p = params[pname]
-                if value.shape == p.shape:
-                    value = torch.empty_like(p, dtype=value.dtype).copy_(value)
-                trainer.optimizer_of[p].state.setdefault(p, {})[skey] = value.to(p.device)
+                trainer.set_optimizer_state(params[pname], skey, value)
         trainer.since_fired.copy_(tensors["trainer/since_fired"])
         trainer.fire_counts.copy_(tensors["trainer/fire_counts"])
         trainer.in_scale = tensors["trainer/in_scale"].clone()

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 import torch.multiprocessing as mp
+from safetensors.torch import save_file
 
 __all__ = ["free_port", "spawn", "synthetic_batch", "train_single", "train_synthetic"]
 
@@ -95,7 +96,7 @@ def train_single(cfg_dict: dict, steps: int, seed: int = 0):
 
 def train_synthetic(mode: str, cfg_dict: dict, steps: int, out_dir: str, seed: int = 0) -> None:
     """Per rank: ``steps`` steps on this rank's slice of the seeded global batches; writes
-    ``slab-<rank>.pt`` (the slab's state, Adam moments, counters) and ``stats-<rank>.json``."""
+    ``slab-<rank>.safetensors`` (the slab's state, Adam moments, counters) and ``stats-<rank>.json``."""
     import torch.distributed as dist
 
     from fastsae.parallel.comm import COUNTER, all_reduce
@@ -118,20 +119,19 @@ def train_synthetic(mode: str, cfg_dict: dict, steps: int, out_dir: str, seed: i
         metrics = trainer.step(x)
         times.append(time.perf_counter() - t0)
         comm.append(sum(COUNTER.values()))
-    state = {
-        "offset": trainer.shard.offset,
-        "count": trainer.shard.count,
-        "sae": {k: v.clone() for k, v in trainer.scaled_sae.state_dict().items()},
-        "exp_avg_sq": {
-            name: trainer.optimizer_of[p].state[p]["exp_avg_sq"].clone()
-            for name, p in trainer.scaled_sae.named_parameters()
-        },
-        "since_fired": trainer.since_fired.clone(),
-        "fire_counts": trainer.fire_counts.clone(),
-        "in_scale": trainer.in_scale.clone(),
-    }
+    # safetensors, flat names (no pickle is ever written or read): the test consolidates them.
+    state = {f"sae/{k}": v for k, v in trainer.scaled_sae.state_dict().items()}
+    for name, p in trainer.scaled_sae.named_parameters():
+        state[f"exp_avg_sq/{name}"] = trainer.optimizer_state(p)["exp_avg_sq"]
+    state["since_fired"] = trainer.since_fired
+    state["fire_counts"] = trainer.fire_counts
+    state["in_scale"] = trainer.in_scale.reshape(1)
+    state["offset"] = torch.tensor([trainer.shard.offset, trainer.shard.count])
     out = Path(out_dir)
-    torch.save(state, out / f"slab-{layout.rank}.pt")
+    save_file(
+        {k: v.detach().contiguous().cpu() for k, v in state.items()},
+        str(out / f"slab-{layout.rank}.safetensors"),
+    )
     stats = {
         "step_s": times,
         "bytes": comm,

@@ -111,12 +111,8 @@ def _trainer_tensors(trainer) -> dict[str, torch.Tensor]:
     for name, t in trainer.scaled_sae.state_dict().items():
         tensors[f"sae/{name}"] = t
     for name, p in trainer.scaled_sae.named_parameters():
-        alias = trainer.adam_param[p]  # Adam may step a contiguous alias (the transpose) of p
-        for key, value in trainer.optimizer_of[p].state.get(alias, {}).items():
-            if isinstance(value, torch.Tensor):
-                if alias is not p and value.shape == alias.shape:
-                    value = value.T  # saved in the parameter's own shape
-                tensors[f"optim/{name}/{key}"] = value
+        for key, value in trainer.optimizer_state(p).items():
+            tensors[f"optim/{name}/{key}"] = value
     tensors["trainer/since_fired"] = trainer.since_fired
     tensors["trainer/fire_counts"] = trainer.fire_counts
     tensors["trainer/in_scale"] = trainer.in_scale
@@ -245,16 +241,7 @@ def load_checkpoint(trainer, path: str | Path) -> dict[str, Any]:
         for key, value in tensors.items():
             if key.startswith("optim/"):
                 _, pname, skey = key.split("/", 2)
-                p = params[pname]
-                if value.shape == p.shape:
-                    # Moments must share the parameter's memory layout (W_enc is a transposed
-                    # view): fused Adam walks parameter and state storage in the same order.
-                    value = torch.empty_like(p, dtype=value.dtype).copy_(value)
-                    if trainer.adam_param[p] is not p:
-                        value = value.T  # the alias's contiguous layout
-                # fused Adam keeps its step counters on the parameter's device
-                alias = trainer.adam_param[p]
-                trainer.optimizer_of[p].state.setdefault(alias, {})[skey] = value.to(p.device)
+                trainer.set_optimizer_state(params[pname], skey, value)
         trainer.since_fired.copy_(tensors["trainer/since_fired"])
         trainer.fire_counts.copy_(tensors["trainer/fire_counts"])
         trainer.in_scale = tensors["trainer/in_scale"].clone()

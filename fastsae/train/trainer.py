@@ -223,6 +223,29 @@ class Trainer:
         p.grad = None
         self.adam_param[p].grad = None
 
+    def optimizer_state(self, p: Tensor) -> dict[str, Tensor]:
+        """Adam's state of parameter ``p`` (moments in ``p``'s own shape, even where Adam steps a
+        contiguous alias of a transposed ``p``): what checkpoints save."""
+        alias = self.adam_param[p]
+        state = {}
+        for key, value in self.optimizer_of[p].state.get(alias, {}).items():
+            if isinstance(value, Tensor):
+                if alias is not p and value.shape == alias.shape:
+                    value = value.T
+                state[key] = value
+        return state
+
+    def set_optimizer_state(self, p: Tensor, key: str, value: Tensor) -> None:
+        """Restore one entry of :meth:`optimizer_state`. Moments get the parameter's memory
+        layout (fused Adam walks parameter and state storage in the same order)."""
+        alias = self.adam_param[p]
+        if value.shape == p.shape:
+            value = torch.empty_like(p, dtype=value.dtype).copy_(value)
+            if alias is not p:
+                value = value.T  # the alias's contiguous layout
+        # fused Adam keeps its step counters on the parameter's device
+        self.optimizer_of[p].state.setdefault(alias, {})[key] = value.to(p.device)
+
     def _attach_alias_grads(self, params) -> None:
         for p in params:
             alias = self.adam_param[p]

@@ -20,6 +20,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from fastsae.parallel.cost import step_bytes
 from fastsae.parallel.launch import spawn, train_single, train_synthetic
@@ -50,7 +51,17 @@ def _cfg(**over) -> dict:
 
 def _consolidate(tmp_path, world: int, d_sae: int) -> dict[str, torch.Tensor]:
     """Full tensors from the per-rank slabs (data rank 0's slabs; the others are replicas)."""
-    slabs = [torch.load(tmp_path / f"slab-{r}.pt") for r in range(world)]
+    slabs = []
+    for r in range(world):
+        flat = load_file(str(tmp_path / f"slab-{r}.safetensors"))
+        slab = {"offset": int(flat["offset"][0]), "sae": {}, "exp_avg_sq": {}}
+        for key, t in flat.items():
+            group, _, name = key.partition("/")
+            if name:
+                slab[group][name] = t
+            elif key != "offset":
+                slab[key] = t
+        slabs.append(slab)
     by_offset = {}
     for s in slabs:
         by_offset.setdefault(s["offset"], s)
@@ -103,7 +114,7 @@ def test_same_weights_as_one_process(tmp_path, mode, world, arch):
         torch.testing.assert_close(got[name], t, rtol=RTOL, atol=ATOL, msg=name)
     torch.testing.assert_close(got["since_fired"], one.since_fired, rtol=0, atol=0)
     torch.testing.assert_close(got["fire_counts"], one.fire_counts, rtol=0, atol=0)
-    v = one.optimizer_of[one.scaled_sae.W_dec].state[one.scaled_sae.W_dec]["exp_avg_sq"]
+    v = one.optimizer_state(one.scaled_sae.W_dec)["exp_avg_sq"]
     torch.testing.assert_close(got["v_W_dec"], v, rtol=1e-4, atol=1e-12)
     if arch == "topk":
         _check_bytes(tmp_path, world, cfg)
