@@ -43,7 +43,7 @@ def activations():
 
 # Open: at this budget the L1/L0 controller had not settled on the last run (jumprelu L0 10.4 and
 # gated L0 21.0 for target 16; relu explained variance 0.769). See docs/training.md.
-_OPEN = pytest.mark.xfail(reason="L1/L0 controller not settled at 128 steps", strict=False)
+_OPEN = pytest.mark.xfail(reason="L1/L0 controller not settled at 128 steps", strict=True)
 
 
 @pytest.mark.slow
