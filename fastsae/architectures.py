@@ -212,13 +212,19 @@ class BatchTopKSAE(SAE):
         (dense codes, or the ``values`` of sparse ones)."""
         positive = codes[codes > 0]
         if positive.numel():
-            smallest = positive.min().to(torch.float64)
-            if not bool(self.topk_threshold > 0):
-                # The first update starts the EMA at the observed value: an EMA from zero needs
-                # ~1/lr steps to come near it, and eval mode fires almost everything until then.
-                self.topk_threshold.copy_(smallest)
-            else:
-                self.topk_threshold.mul_(1 - lr).add_(lr * smallest)
+            self.threshold_step(positive.min().to(torch.float64), lr)
+
+    @torch.no_grad()
+    def threshold_step(self, smallest: Tensor, lr: float) -> None:
+        """One EMA step of ``topk_threshold`` towards ``smallest`` (a scalar tensor: the batch's
+        smallest kept activation; a data-parallel trainer passes the minimum over ranks)."""
+        smallest = smallest.to(self.topk_threshold.device, torch.float64)
+        if not bool(self.topk_threshold > 0):
+            # The first update starts the EMA at the observed value: an EMA from zero needs
+            # ~1/lr steps to come near it, and eval mode fires almost everything until then.
+            self.topk_threshold.copy_(smallest)
+        else:
+            self.topk_threshold.mul_(1 - lr).add_(lr * smallest)
 
 
 class MatryoshkaBatchTopKSAE(BatchTopKSAE):

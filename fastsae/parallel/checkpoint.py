@@ -217,7 +217,7 @@ class _Consolidated:
     save_sae = Trainer.save_sae
 
     def __init__(self, sae, in_scale, out_scale, fire_counts, counted_tokens):
-        self.sae, self.in_scale, self.out_scale = sae, in_scale, out_scale
+        self.scaled_sae, self.in_scale, self.out_scale = sae, in_scale, out_scale
         self.fire_counts, self.counted_tokens = fire_counts, counted_tokens
 
 

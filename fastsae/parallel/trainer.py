@@ -28,7 +28,7 @@ from fastsae.parallel.latent import SHARDABLE, LatentShard, sharded_loss
 from fastsae.parallel.mesh import Layout, latent_slab
 from fastsae.sae import SAE
 from fastsae.train.config import TrainConfig
-from fastsae.train.trainer import Trainer
+from fastsae.train.trainer import Trainer, _scale_encoder
 
 __all__ = ["DistributedTrainer", "check_parallel_config"]
 
@@ -90,7 +90,24 @@ class DistributedTrainer(Trainer):
         full.reset_parameters(torch.Generator().manual_seed(self.cfg.seed))
         if not self.sharded:
             return full.to(self.device)
+        # Kept until the first batch: the least-squares encoder scale needs the full SAE's
+        # reconstruction (see _init_encoder_scale).
+        self._full_for_init = full
         return slab_of(full, self.shard.offset, self.shard.count).to(self.device)
+
+    @torch.no_grad()
+    def _init_encoder_scale(self, x: Tensor) -> None:
+        """One process's least-squares factor: fitted on the full SAE (every rank computes the
+        same number from the same gathered batch), then applied to this rank's slab."""
+        full = getattr(self, "_full_for_init", None)
+        if full is None:
+            return super()._init_encoder_scale(x)
+        full.b_dec.copy_(self.scaled_sae.b_dec.cpu())
+        a = self._fit_encoder_scale(full, x.cpu())
+        del self._full_for_init
+        if a is not None:
+            _scale_encoder(self.scaled_sae, a)
+            self.init_scale_used = a
 
     # -- the step ----------------------------------------------------------------------------------
 
@@ -103,7 +120,7 @@ class DistributedTrainer(Trainer):
         super().initialize(x, y)
 
     def _dead_local(self) -> Tensor:
-        return self.since_fired >= self.cfg.dead_tokens
+        return self.since_fired >= self.cfg.dead_after_tokens
 
     def _loss(self, x: Tensor, y: Tensor | None, dead_mask: Tensor | None):
         global_batch = self.cfg.architecture == "batchtopk" and self.layout.dp_size > 1
@@ -220,8 +237,7 @@ class DistributedTrainer(Trainer):
             )
             smallest = all_reduce(smallest.reshape(1), layout.dp_group, "min")[0]
             if torch.isfinite(smallest):
-                lr = cfg.topk_threshold_lr
-                sae.topk_threshold.mul_(1 - lr).add_(lr * smallest.to(sae.topk_threshold.device))
+                sae.threshold_step(smallest, self._threshold_rate())
         B = out.recon.shape[0] * layout.dp_size
         self.since_fired += B
         self.since_fired[counts > 0] = 0

@@ -205,6 +205,11 @@ class Trainer:
         for p in params:
             p.register_post_accumulate_grad_hook(self._step_in_backward)
 
+    def _threshold_rate(self) -> float:
+        """EMA rate of the BatchTopK threshold at this step (see :meth:`_after_update`)."""
+        cfg = self.cfg
+        return max(cfg.topk_threshold_lr, 20.0 / cfg.total_steps, 1.0 / (self.step_count + 1))
+
     def _lr_scale(self, p: Tensor) -> float:
         """JumpReLU thresholds are O(1) while W_enc entries are O(1/sqrt(d_in)); Adam moves both
         by ~lr per step, so the thresholds get lr * sqrt(d_in) to keep pace with the encoder (at
@@ -289,20 +294,22 @@ class Trainer:
         ``a = <x - b_dec, R> / ||R||^2``, R the initial reconstruction without b_dec: every
         architecture's codes scale by ``a`` (selection does not change), so the first steps start
         from the best-fitting magnitude instead of overshooting and killing latents."""
-        sae = self.scaled_sae
+        a = self._fit_encoder_scale(self.scaled_sae, x)
+        if a is None:
+            return
+        _scale_encoder(self.scaled_sae, a)
+        self.init_scale_used = a
+
+    def _fit_encoder_scale(self, sae: SAE, x: Tensor) -> float | None:
+        """The least-squares factor of :meth:`_init_encoder_scale` for ``sae`` on ``x`` (None
+        when the initial reconstruction is zero)."""
         with ops.use_backend(self.cfg.backend):
             recon = sae(x).recon.double() - sae.b_dec.double()
         target = x.double() - sae.b_dec.double()
         denom = float(recon.pow(2).sum())
         if denom <= 0:
-            return
-        a = min(max(float((target * recon).sum()) / denom, 1e-3), 1.0)
-        sae.W_enc.mul_(a)
-        for name in ("b_enc", "threshold", "b_gate"):
-            t = getattr(sae, name, None)
-            if t is not None:
-                t.mul_(a)
-        self.init_scale_used = a
+            return None
+        return min(max(float((target * recon).sum()) / denom, 1e-3), 1.0)
 
     @torch.no_grad()
     def _init_firing_rate(self, x: Tensor) -> None:
@@ -477,8 +484,9 @@ class Trainer:
             # the threshold from the first steps instead of lagging behind its starting value.
             # The window is also kept under 5% of the run: at 200 steps a 100-step window still
             # averaged early, larger minima and eval-mode L0 came out 24 for k = 32 (MiniLM).
-            rate = max(cfg.topk_threshold_lr, 20.0 / cfg.total_steps, 1.0 / (self.step_count + 1))
-            sae.update_threshold(out.values if out.values is not None else out.codes, rate)
+            sae.update_threshold(
+                out.values if out.values is not None else out.codes, self._threshold_rate()
+            )
         B = out.recon.shape[0]
         if self.adaptive_sparsity:
             codes = out.values if out.values is not None else out.codes
@@ -618,3 +626,13 @@ def _remove_parallel_decoder_grad(sae: SAE) -> None:
     # two products and the sum they replace were ~4% of a step at n=8192, d=768).
     parallel = torch.einsum("nd,nd->n", grad, w).unsqueeze(-1)
     grad.addcmul_(parallel, w, value=-1.0)
+
+
+@torch.no_grad()
+def _scale_encoder(sae: SAE, a: float) -> None:
+    """Multiply the encoder and what gates it (b_enc, threshold, b_gate) by ``a``."""
+    sae.W_enc.mul_(a)
+    for name in ("b_enc", "threshold", "b_gate"):
+        t = getattr(sae, name, None)
+        if t is not None:
+            t.mul_(a)
