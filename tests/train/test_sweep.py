@@ -76,10 +76,10 @@ def test_sweep_file_base_grid_members_and_flags(tmp_path, capsys):
         "members:\n  - {architecture: batchtopk, k: 32, name: btk}\n"
     )
     # flags win over the file's base; a grid flag replaces the file's grid entry
-    assert main(["--sweep", str(spec), "--print-config", "--total-tokens", "2048"]) == 0
+    assert main(["--sweep", str(spec), "--print-config", "--total-tokens", "8192"]) == 0
     members = json.loads(capsys.readouterr().out)
     assert [m["name"] for m in members] == ["k8", "k16", "btk"]
-    assert {m["total_tokens"] for m in members} == {2048}
+    assert {m["total_tokens"] for m in members} == {8192}
     assert {m["d_sae"] for m in members} == {512}
     assert members[2]["architecture"] == "batchtopk"
     assert main(["--sweep", str(spec), "--print-config", "--k", "4,5,6"]) == 0
