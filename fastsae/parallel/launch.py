@@ -111,7 +111,7 @@ def train_synthetic(mode: str, cfg_dict: dict, steps: int, out_dir: str, seed: i
     times, comm, n_dead = [], [], []
     for s in range(steps):
         x = synthetic_batch(s, cfg.batch_size, cfg.d_in, seed)[layout.dp_rank * b :][:b]
-        dead = (trainer.since_fired >= cfg.dead_tokens).sum().reshape(1)
+        dead = (trainer.since_fired >= cfg.dead_after_tokens).sum().reshape(1)
         n_dead.append(int(all_reduce(dead, layout.latent_group).item()))
         COUNTER.clear()
         dist.barrier()
