@@ -209,8 +209,12 @@ def test_batchtopk_encode_sparse_pads_rows():
 def test_batchtopk_threshold_update_moves_towards_min_positive():
     sae = make_sae("batchtopk", k=3)
     sae.topk_threshold.fill_(0.0)
+    # the first update starts the EMA at the observed minimum (an EMA from zero lags ~1/lr steps)
     sae.update_threshold(torch.tensor([[0.0, 2.0, 0.5]]), lr=0.5)
-    assert float(sae.topk_threshold) == pytest.approx(0.25)
+    assert float(sae.topk_threshold) == pytest.approx(0.5)
+    # later updates move it by lr towards the new minimum positive value
+    sae.update_threshold(torch.tensor([[0.0, 1.5, 0.0]]), lr=0.5)
+    assert float(sae.topk_threshold) == pytest.approx(1.0)
 
 
 def test_auxk_gradient_reaches_encoder():
