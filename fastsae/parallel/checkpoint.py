@@ -34,7 +34,7 @@ from fastsae.config import SAEConfig
 from fastsae.parallel.comm import barrier
 from fastsae.parallel.trainer import LATENT_ROWS
 from fastsae.sae import SAE
-from fastsae.train.checkpoint import CheckpointError, list_checkpoints
+from fastsae.train.checkpoint import CheckpointError, list_checkpoints, restore_trainer_tensors
 from fastsae.train.trainer import Trainer
 
 __all__ = ["FORMAT", "export_sae", "is_sharded", "load_sharded", "read_meta", "save_sharded"]
@@ -188,20 +188,7 @@ def load_sharded(trainer, path: str | Path) -> dict[str, Any]:
     """Restore ``trainer`` (a :class:`DistributedTrainer` on any layout) from ``path``; returns
     the data position."""
     meta, tensors = read_slab(path, trainer.shard.offset, trainer.shard.count)
-    with torch.no_grad():
-        state = {k.removeprefix("sae/"): v for k, v in tensors.items() if k.startswith("sae/")}
-        trainer.scaled_sae.load_state_dict(state, strict=True)
-        params = dict(trainer.scaled_sae.named_parameters())
-        for opt in trainer.optimizers:
-            opt.state.clear()
-        for key, value in tensors.items():
-            if key.startswith("optim/"):
-                _, pname, skey = key.split("/", 2)
-                trainer.set_optimizer_state(params[pname], skey, value)
-        trainer.since_fired.copy_(tensors["trainer/since_fired"])
-        trainer.fire_counts.copy_(tensors["trainer/fire_counts"])
-        trainer.in_scale = tensors["trainer/in_scale"].clone()
-        trainer.out_scale = tensors["trainer/out_scale"].clone()
+    restore_trainer_tensors(trainer, tensors)
     trainer.step_count = meta["step"]
     trainer.tokens = meta["tokens"]
     trainer.counted_tokens = meta["counted_tokens"]

@@ -232,20 +232,8 @@ def load_checkpoint(trainer, path: str | Path) -> dict[str, Any]:
     """
     meta, tensors = read_checkpoint(path)
     remove_stale_temporaries(Path(path).parent, name=_NAME)
+    restore_trainer_tensors(trainer, tensors)
     with torch.no_grad():
-        state = {k.removeprefix("sae/"): v for k, v in tensors.items() if k.startswith("sae/")}
-        trainer.scaled_sae.load_state_dict(state, strict=True)
-        params = dict(trainer.scaled_sae.named_parameters())
-        for opt in trainer.optimizers:
-            opt.state.clear()
-        for key, value in tensors.items():
-            if key.startswith("optim/"):
-                _, pname, skey = key.split("/", 2)
-                trainer.set_optimizer_state(params[pname], skey, value)
-        trainer.since_fired.copy_(tensors["trainer/since_fired"])
-        trainer.fire_counts.copy_(tensors["trainer/fire_counts"])
-        trainer.in_scale = tensors["trainer/in_scale"].clone()
-        trainer.out_scale = tensors["trainer/out_scale"].clone()
         trainer.sparsity_coeff = tensors["trainer/sparsity_coeff"].clone()
         torch.set_rng_state(tensors["rng/torch"])
     trainer.step_count = meta["step"]
@@ -253,3 +241,23 @@ def load_checkpoint(trainer, path: str | Path) -> dict[str, Any]:
     trainer.counted_tokens = meta["counted_tokens"]
     trainer.initialized = meta["initialized"]
     return meta["data_state"]
+
+
+@torch.no_grad()
+def restore_trainer_tensors(trainer, tensors: dict[str, torch.Tensor]) -> None:
+    """Put saved ``sae/*`` weights, ``optim/*`` Adam state and the firing counters and scales
+    back into ``trainer`` (shared by this module and the sharded checkpoints of
+    :mod:`fastsae.parallel.checkpoint`)."""
+    state = {k.removeprefix("sae/"): v for k, v in tensors.items() if k.startswith("sae/")}
+    trainer.scaled_sae.load_state_dict(state, strict=True)
+    params = dict(trainer.scaled_sae.named_parameters())
+    for opt in trainer.optimizers:
+        opt.state.clear()
+    for key, value in tensors.items():
+        if key.startswith("optim/"):
+            _, pname, skey = key.split("/", 2)
+            trainer.set_optimizer_state(params[pname], skey, value)
+    trainer.since_fired.copy_(tensors["trainer/since_fired"])
+    trainer.fire_counts.copy_(tensors["trainer/fire_counts"])
+    trainer.in_scale = tensors["trainer/in_scale"].clone()
+    trainer.out_scale = tensors["trainer/out_scale"].clone()
