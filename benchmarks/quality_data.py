@@ -11,16 +11,22 @@ Text: the embedded KJV corpus, its ``train`` split for training rows and its ``h
 chapters for the evaluation rows, 128-token sequences, BOS / pad positions dropped.
 
 ``python -m benchmarks.quality_data [--out DIR] [--train-tokens N]`` writes
-``DIR/<source>.pt`` = ``{"train": [N, d] fp32, "held_out": [M, d] fp32, "meta": {...}}``.
+``DIR/<source>.safetensors``: tensors ``train`` [N, d] and ``held_out`` [M, d] (fp32), and the
+``meta`` dict as JSON in the file's metadata (no pickle is written or read).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from pathlib import Path
 
 import torch
+from safetensors.torch import save
+
+from fastsae.atomic import atomic_write
+from fastsae.tensor_file import read_tensors
 
 DEFAULT_DIR = Path(os.environ.get("FASTSAE_QUALITY_DATA", Path.home() / ".cache/fastsae-quality"))
 SOURCES = {
@@ -70,17 +76,20 @@ def build(
 
 def load(source: str, *, root: Path = DEFAULT_DIR, train_tokens: int = 1_000_000) -> dict:
     """The cached activations of ``source``, built on first use."""
-    path = Path(root) / f"{source}.pt"
+    path = Path(root) / f"{source}.safetensors"
     if path.exists():
-        data = torch.load(path, weights_only=True)
-        if data["train"].shape[0] >= min(train_tokens, data["meta"].get("available", 0) or 1):
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads(f.metadata()["meta"])
+        data = {**read_tensors(path), "meta": meta}
+        if data["train"].shape[0] >= min(train_tokens, meta.get("available", 0) or 1):
             return data
     data = build(source, train_tokens=train_tokens)
     data["meta"]["available"] = int(data["train"].shape[0])
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(data, tmp)
-    tmp.replace(path)
+    tensors = {"train": data["train"].contiguous(), "held_out": data["held_out"].contiguous()}
+    atomic_write(path, lambda f: f.write(save(tensors, {"meta": json.dumps(data["meta"])})))
     return data
 
 
