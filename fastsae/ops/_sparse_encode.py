@@ -11,6 +11,7 @@ backward or formed in it.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
 from typing import NamedTuple
@@ -19,6 +20,7 @@ import torch
 from torch import Tensor
 
 from fastsae.ops import EncodeTopKOutput, implementation_of
+from fastsae.ops._csr import SharedCSR, share
 
 SelectFn = Callable[..., tuple[Tensor, Tensor, Tensor | None, Tensor | None]]
 
@@ -34,7 +36,7 @@ class _SparseEncode(torch.autograd.Function):
     """``values = relu(pre[indices])`` for the selected entries (``-inf`` scores are padding)."""
 
     @staticmethod
-    def forward(ctx, x, W_enc, b_enc, b_dec, selector, encoder_backward):
+    def forward(ctx, x, W_enc, b_enc, b_dec, selector, encoder_backward, shared):
         x_in = x - b_dec if b_dec is not None else x
         with torch.no_grad():
             top, indices, aux_top, aux_indices = selector(x_in, W_enc, b_enc)
@@ -48,6 +50,12 @@ class _SparseEncode(torch.autograd.Function):
         ctx.save_for_backward(x_in, W_enc, indices, values, aux_indices, aux_values)
         ctx.has_b_dec = b_dec is not None
         ctx.encoder_backward = encoder_backward
+        ctx.layout = None
+        if shared is not None:
+            # The step's CSR-by-latent layout, sorted once (lazily) for this backward and the
+            # decoders' (fastsae/ops/_csr.py); `_apply` registers the ids it is keyed by.
+            ctx.layout = SharedCSR(indices, aux_indices, W_enc.shape[1])
+            shared.append(ctx.layout)
         return values, indices, aux_values, aux_indices
 
     @staticmethod
@@ -58,8 +66,14 @@ class _SparseEncode(torch.autograd.Function):
         if aux_indices.shape[1]:
             indices = torch.cat([indices, aux_indices], dim=1)
             grad_pre = torch.cat([grad_pre, grad_aux * (aux_values > 0)], dim=1)
+        layout = {} if ctx.layout is None else {"csr": ctx.layout.csr("all")}
         grad_W_enc, grad_b_enc, grad_x = ctx.encoder_backward(
-            x_in, indices, grad_pre.contiguous(), W_enc, need_grad_x=ctx.needs_input_grad[0]
+            x_in,
+            indices,
+            grad_pre.contiguous(),
+            W_enc,
+            need_grad_x=ctx.needs_input_grad[0],
+            **layout,
         )
         grad_b_dec = None
         if ctx.has_b_dec and ctx.needs_input_grad[3]:
@@ -73,15 +87,21 @@ class _SparseEncode(torch.autograd.Function):
             grad_b_dec,
             None,
             None,
+            None,
         )
 
 
-def _apply(x, W_enc, b_enc, b_dec, selector, encoder_backward):
+def _apply(x, W_enc, b_enc, b_dec, selector, encoder_backward, *, share_layout=False):
+    """Run the encoder. ``share_layout``: ``encoder_backward`` takes a ``csr=`` layout, and the
+    returned ids are registered so that decoding them shares it (one sort per step)."""
+    shared: list = [] if share_layout and torch.is_grad_enabled() else None
     values, indices, aux_values, aux_indices = _SparseEncode.apply(
-        x, W_enc, b_enc, b_dec, selector, encoder_backward
+        x, W_enc, b_enc, b_dec, selector, encoder_backward, shared
     )
     if aux_indices.shape[1] == 0:
         aux_values = aux_indices = None
+    if shared:
+        share(shared[0], indices, aux_indices)
     return values, indices, aux_values, aux_indices
 
 
@@ -170,7 +190,8 @@ def make_encode_ops(select: SelectFn) -> dict[str, Callable]:
 
     def _encode(x, W_enc, b_enc, b_dec, selector):
         encoder_backward = implementation_of("sparse_encoder_backward")[1]
-        return _apply(x, W_enc, b_enc, b_dec, selector, encoder_backward)
+        takes_csr = "csr" in inspect.signature(encoder_backward).parameters
+        return _apply(x, W_enc, b_enc, b_dec, selector, encoder_backward, share_layout=takes_csr)
 
     def encode_topk(x, W_enc, b_enc, k, *, b_dec=None, dead_mask=None, k_aux=0) -> EncodeTopKOutput:
         if not 1 <= k <= W_enc.shape[1]:

@@ -17,6 +17,7 @@ from fastsae.kernels import slab_topk as _slab_topk
 from fastsae.kernels.sparse_decode import sparse_decode as _sparse_decode
 from fastsae.kernels.sparse_encoder_bwd import sparse_encoder_backward as _sparse_encoder_backward
 from fastsae.ops import _torch
+from fastsae.ops._csr import CSR, shared_csr_of
 from fastsae.ops._encode_strategy import AutoSelect
 from fastsae.ops._sparse_encode import make_encode_ops
 
@@ -33,9 +34,10 @@ __all__ = [
 def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor) -> Tensor:
     """:func:`fastsae.kernels.sparse_decode.sparse_decode`: ``[B, k]`` -> ``[B, d_out]``.
 
-    Differentiable in ``values``, ``W_dec`` and ``b_dec``.
+    Differentiable in ``values``, ``W_dec`` and ``b_dec``. Ids returned by this backend's
+    encoders reuse the step's shared CSR layout for ``grad_W_dec`` (:mod:`fastsae.ops._csr`).
     """
-    return _sparse_decode(values, indices, W_dec, b_dec)
+    return _sparse_decode(values, indices, W_dec, b_dec, csr=shared_csr_of(indices))
 
 
 def sparse_encoder_backward(
@@ -45,12 +47,14 @@ def sparse_encoder_backward(
     W_enc: Tensor,
     *,
     need_grad_x: bool = False,
+    csr: CSR | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
-    """:func:`fastsae.kernels.sparse_encoder_bwd.sparse_encoder_backward`.
+    """:func:`fastsae.kernels.sparse_encoder_bwd.sparse_encoder_backward` (``csr``: the layout
+    of ``indices`` when the caller has it).
 
     Returns ``(grad_W_enc [d_in, d_sae], grad_b_enc [d_sae], grad_x [B, d_in] or None)``.
     """
-    return _sparse_encoder_backward(x, indices, grad_pre, W_enc, need_grad_x=need_grad_x)
+    return _sparse_encoder_backward(x, indices, grad_pre, W_enc, need_grad_x=need_grad_x, csr=csr)
 
 
 def _select(
