@@ -122,6 +122,7 @@ def batch_topk_select(
     k: float,
     *,
     n: int | None = None,
+    static_width: bool = False,
     **aux,
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
     """Exact BatchTopK selection from per-row candidates.
@@ -135,12 +136,22 @@ def batch_topk_select(
 
     ``n``: the number of latents ``select`` chooses from; default ``W_enc.shape[1]`` (the
     latent-sharded ``select`` of fastsae/parallel chooses among every rank's latents).
+
+    ``static_width``: no host sync (the triton backend, for CUDA graphs): every row keeps its
+    ``m`` candidates (unkept ones ``-inf``, value 0: padding), the K-th score and its ties are
+    resolved on the device (:func:`_kept_on_device`), and nothing is widened. Exact unless a
+    row holds more than ``m`` of the batch's winners; the rows that might have are counted,
+    on the device, in ``BATCH_TOPK_STATS["cut_rows"]`` (a 0-dim tensor of the last call).
     """
     B = x_in.shape[0]
     n = W_enc.shape[1] if n is None else n
     K = max(1, min(round(k * B), B * n))
     m = min(n, max(2 * math.ceil(k) + 8, math.ceil(K / max(B, 1))))
     top, idx, aux_top, aux_idx = select(x_in, W_enc, b_enc, m, **aux)
+    if static_width:
+        kept, cut_rows = _kept_on_device(torch.relu(top), K, m < n)
+        BATCH_TOPK_STATS["cut_rows"] = cut_rows
+        return top.masked_fill(~kept, float("-inf")), idx, aux_top, aux_idx
     while True:
         scores = torch.relu(top)
         tau = torch.topk(scores.reshape(-1), K).values[-1]
@@ -180,12 +191,41 @@ def batch_topk_select(
     return top.gather(-1, order), idx.gather(-1, order), aux_top, aux_idx
 
 
-def make_encode_ops(select: SelectFn) -> dict[str, Callable]:
+#: ``cut_rows``: of the last static-width BatchTopK selection, the number of rows whose every
+#: candidate was kept (they may hold more winners than candidates: the result is then not the
+#: exact BatchTopK); a device tensor, read it only where a sync is fine.
+BATCH_TOPK_STATS: dict[str, Tensor | None] = {"cut_rows": None}
+
+
+def _kept_on_device(scores: Tensor, K: int, can_cut: bool) -> tuple[Tensor, Tensor]:
+    """Which of the candidates ``scores [B, m]`` (ReLU'd, each row in score order, equal scores
+    in latent order) are among the batch's ``K`` largest, lower flat index ``b * n + i`` first
+    among equals, with static shapes only.
+
+    With ``tau`` the K-th largest: every score above ``tau`` is kept, and of those equal to
+    ``tau`` the first ``K - #above`` in row-major order, which is flat-index order (rows in
+    order, equal scores within a row in latent order). Zero scores carry nothing and are
+    dropped. Returns ``(kept [B, m] bool, cut_rows)``: ``cut_rows`` counts the rows whose last
+    candidate was kept (0 when ``can_cut`` is False: every latent was a candidate).
+    """
+    flat = scores.reshape(-1)
+    tau = torch.topk(flat, K, sorted=False).values.min()
+    above = scores > tau
+    tied = scores == tau
+    need = K - above.sum()
+    rank = torch.cumsum(tied.reshape(-1), 0).reshape(scores.shape)
+    kept = (above | (tied & (rank <= need))) & (scores > 0)
+    cut_rows = kept[:, -1].sum() if can_cut else kept.new_zeros((), dtype=torch.long)
+    return kept, cut_rows
+
+
+def make_encode_ops(select: SelectFn, *, static_width: bool = False) -> dict[str, Callable]:
     """Build ``encode_topk``, ``encode_batch_topk`` and ``encode_jumprelu`` from ``select``.
 
     Their backward uses the ``sparse_encoder_backward`` of the backend active at the call (so the
     Triton kernels when the Triton backend is selected), resolved in the forward and kept, since
-    backward may run in another thread.
+    backward may run in another thread. ``static_width``: BatchTopK without a host sync (see
+    :func:`batch_topk_select`).
     """
 
     def _encode(x, W_enc, b_enc, b_dec, selector):
@@ -207,7 +247,9 @@ def make_encode_ops(select: SelectFn) -> dict[str, Callable]:
             raise ValueError(f"k={k} must be in (0, d_sae={W_enc.shape[1]}]")
 
         def selector(x_in, W, b):
-            return batch_topk_select(select, x_in, W, b, k, dead_mask=dead_mask, k_aux=k_aux)
+            return batch_topk_select(
+                select, x_in, W, b, k, static_width=static_width, dead_mask=dead_mask, k_aux=k_aux
+            )
 
         return EncodeTopKOutput(*_encode(x, W_enc, b_enc, b_dec, selector))
 
