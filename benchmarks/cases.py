@@ -395,11 +395,47 @@ def sparse_backward_shared_csr(B: int, d: int, n: int, k: int) -> Case:
     )
 
 
+def csr_layouts_per_step(B: int, d: int, n: int, k: int) -> Case:
+    """Only the CSR-by-latent layouts of one TopK step with AuxK active (``k_aux = d / 2``): the
+    shared one (one sort of the main and AuxK ids together, the main and AuxK layouts derived from
+    it) against one sort per reduction (main, AuxK, both), as before. The part of
+    ``sparse_backward_shared_csr`` that sharing changes."""
+    from fastsae.ops import _csr
+
+    device = _device()
+    k_aux = d // 2
+    g = torch.Generator(device="cpu").manual_seed(3)
+    indices = torch.randint(0, n, (B, k), generator=g).to(device)
+    aux_indices = torch.randint(0, n, (B, k_aux), generator=g).to(device)
+    both = torch.cat([indices, aux_indices], dim=1)
+
+    def shared():
+        layout = _csr.SharedCSR(indices, aux_indices, n)
+        return [layout.csr(part) for part in ("main", "aux", "all")]
+
+    def per_reduction():
+        return [_csr.csr_by_latent(ids, n) for ids in (indices, aux_indices, both)]
+
+    return Case(
+        name="csr_layouts_per_step",
+        mode="bwd",
+        shapes={"B": B, "d": d, "n": n, "k": k, "k_aux": k_aux},
+        providers={"shared": shared, "per-reduction": per_reduction},
+        skipped={},
+        flops=0,
+        # int64 ids sorted and written: entries and rows of each layout
+        bytes=8 * 3 * 2 * B * (k + k_aux),
+        baseline="per-reduction",
+        items=B,
+    )
+
+
 Builder = Callable[..., Case]
 REGISTRY: dict[str, Builder] = {
     "sparse_decode_fwd_bwd": sparse_decode_fwd_bwd,
     "encoder_backward": encoder_backward,
     "sparse_backward_shared_csr": sparse_backward_shared_csr,
+    "csr_layouts_per_step": csr_layouts_per_step,
     "encode_topk_fwd": encode_topk_fwd,
     "encode_topk_strategies_fwd": encode_topk_strategies_fwd,
     "encode_batch_topk_fwd": encode_batch_topk_fwd,

@@ -98,22 +98,27 @@ class SharedCSR:
         self.indices = indices.detach()
         self.aux_indices = None if aux_indices is None else aux_indices.detach()
         self.n = n
-        self._parts: dict[str, CSR] = {}
+        self._all: CSR | None = None
 
     def csr(self, part: str) -> CSR:
-        """The layout of ``part`` (``"main"``, ``"aux"`` or ``"all"``)."""
-        if part not in self._parts:
-            if "all" not in self._parts:
-                ids = self.indices
-                if self.aux_indices is not None and self.aux_indices.shape[1]:
-                    ids = torch.cat([ids, self.aux_indices], dim=1)
-                self._parts["all"] = csr_by_latent(ids.long(), self.n)
-                SharedCSR.builds += 1
-            k = self.indices.shape[1]
-            K = k + (0 if self.aux_indices is None else self.aux_indices.shape[1])
-            lo, hi = {"main": (0, k), "aux": (k, K), "all": (0, K)}[part]
-            self._parts[part] = csr_columns(self._parts["all"], K, lo, hi)
-        return self._parts[part]
+        """The layout of ``part`` (``"main"``, ``"aux"`` or ``"all"``). Only the sorted layout of
+        both is kept; a part is derived at each call (each is used once per step, and keeping
+        them would hold ``16 B·K`` more bytes until the step ends)."""
+        if self._all is None:
+            ids = self.indices
+            if self.aux_indices is not None and self.aux_indices.shape[1]:
+                ids = torch.cat([ids, self.aux_indices], dim=1)
+            self._all = csr_by_latent(ids.long(), self.n)
+            SharedCSR.builds += 1
+        k = self.indices.shape[1]
+        K = k + (0 if self.aux_indices is None else self.aux_indices.shape[1])
+        lo, hi = {"main": (0, k), "aux": (k, K), "all": (0, K)}[part]
+        return csr_columns(self._all, K, lo, hi)
+
+    def release(self) -> None:
+        """Drop the sorted layout (the encoder backward, its last user in a step, calls this; a
+        later call sorts again)."""
+        self._all = None
 
 
 _SHARED: WeakIdKeyDictionary = WeakIdKeyDictionary()

@@ -66,7 +66,10 @@ class _SparseEncode(torch.autograd.Function):
         if aux_indices.shape[1]:
             indices = torch.cat([indices, aux_indices], dim=1)
             grad_pre = torch.cat([grad_pre, grad_aux * (aux_values > 0)], dim=1)
-        layout = {} if ctx.layout is None else {"csr": ctx.layout.csr("all")}
+        layout = {}
+        if ctx.layout is not None:
+            layout = {"csr": ctx.layout.csr("all")}
+            ctx.layout.release()  # the decoders' backward ran first: this is its last use
         grad_W_enc, grad_b_enc, grad_x = ctx.encoder_backward(
             x_in,
             indices,
