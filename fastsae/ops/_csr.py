@@ -133,13 +133,13 @@ def share(layout: SharedCSR, indices: Tensor, aux_indices: Tensor | None) -> Non
         _SHARED[aux_indices] = (layout, "aux")
 
 
-def shared_csr_of(indices: Tensor) -> Callable[[], CSR] | None:
+def shared_csr_of(indices: Tensor, n: int) -> Callable[[], CSR] | None:
     """A function returning the shared layout of ``indices`` (this very tensor object, as the
-    encoder returned it), or ``None``: the caller then builds its own."""
+    encoder returned it) over ``n`` latents, or ``None``: the caller then builds its own."""
     if torch.compiler.is_compiling():
         return None
     found = _SHARED.get(indices)
-    if found is None:
+    if found is None or found[0].n != n:
         return None
     layout, part = found
     return lambda: layout.csr(part)

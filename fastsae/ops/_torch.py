@@ -127,7 +127,9 @@ class _SparseDecode(torch.autograd.Function):
 def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor) -> Tensor:
     """See :func:`fastsae.ops.sparse_decode`. Ids returned by this backend's encoders reuse the
     step's shared CSR layout for ``grad_W_dec`` (:mod:`fastsae.ops._csr`)."""
-    return _SparseDecode.apply(values, indices, W_dec, b_dec, shared_csr_of(indices))
+    return _SparseDecode.apply(
+        values, indices, W_dec, b_dec, shared_csr_of(indices, W_dec.shape[0])
+    )
 
 
 # ------------------------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor)
     Differentiable in ``values``, ``W_dec`` and ``b_dec``. Ids returned by this backend's
     encoders reuse the step's shared CSR layout for ``grad_W_dec`` (:mod:`fastsae.ops._csr`).
     """
-    return _sparse_decode(values, indices, W_dec, b_dec, csr=shared_csr_of(indices))
+    return _sparse_decode(values, indices, W_dec, b_dec, csr=shared_csr_of(indices, W_dec.shape[0]))
 
 
 def sparse_encoder_backward(

@@ -76,8 +76,8 @@ def test_shared_layout_gives_the_same_gradients_bitwise(backend, monkeypatch):
     grads = []
     for shared in (True, False):
         if not shared:  # each decoder sorts its own ids again, as before
-            monkeypatch.setattr(_torch, "shared_csr_of", lambda indices: None)
-            monkeypatch.setattr(_triton, "shared_csr_of", lambda indices: None)
+            monkeypatch.setattr(_torch, "shared_csr_of", lambda indices, n: None)
+            monkeypatch.setattr(_triton, "shared_csr_of", lambda indices, n: None)
         sae.zero_grad(set_to_none=True)
         with ops.use_backend(backend):
             sae.loss(x, dead_mask=dead).loss.backward()
@@ -92,5 +92,6 @@ def test_ids_not_from_the_encoder_build_their_own_layout():
     sae, x, dead = _topk_with_auxk()
     with ops.use_backend("torch"):
         enc = ops.encode_topk(x, sae.W_enc, sae.b_enc, 4, dead_mask=dead, k_aux=3)
-        assert _csr.shared_csr_of(enc.indices) is not None
-        assert _csr.shared_csr_of(enc.indices.clone()) is None
+        assert _csr.shared_csr_of(enc.indices, 64) is not None
+        assert _csr.shared_csr_of(enc.indices.clone(), 64) is None
+        assert _csr.shared_csr_of(enc.indices, 65) is None  # another dictionary's width
