@@ -541,7 +541,8 @@ def select_topk(
         descending (**not** ReLU'd), ``indices [B, k]`` int64; ties follow fastsae's rule (lower
         latent first, ``-0.0 == +0.0``). A row with fewer than ``k`` finite scores is padded with
         ``-inf`` (index 0). ``aux_top [B, k_aux']`` / ``aux_indices`` likewise, or
-        ``None, None`` when ``k_aux == 0`` or no latent is dead.
+        ``None, None`` when ``k_aux == 0`` or no latent is dead (with ``fixed_aux_width``: only
+        when ``k_aux == 0``).
     """
     _check_args(x_in, W_enc, b_enc, k, threshold, dead_mask, k_aux)
     k_aux_eff = 0
