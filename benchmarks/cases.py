@@ -335,10 +335,107 @@ def sweep_group_cache(B: int, d: int, n: int, k: int, members: int = 2) -> Case:
     return group.group_vs_separate(B, d, n, k, members=members, cached=1)
 
 
+def sparse_backward_shared_csr(B: int, d: int, n: int, k: int) -> Case:
+    """The sparse backward of one TopK step with AuxK active (``k_aux = d / 2``, the default):
+    decoder and AuxK decoder (forward + backward) and the encoder backward, with the step's
+    CSR-by-latent layout shared (one sort, :mod:`fastsae.ops._csr`) against one layout built per
+    reduction (three sorts, as before)."""
+    from fastsae.ops import _csr
+
+    device = _device()
+    k_aux = d // 2
+    g = torch.Generator(device="cpu").manual_seed(2)
+    x = torch.randn(B, d, generator=g).to(device)
+    W_enc = torch.randn(d, n, generator=g).to(device)
+    W_dec = torch.randn(n, d, generator=g).to(device).requires_grad_(True)
+    b_dec = torch.zeros(d, device=device, requires_grad=True)
+    indices = torch.randint(0, n, (B, k), generator=g).to(device)
+    aux_indices = torch.randint(0, n, (B, k_aux), generator=g).to(device)
+    values = torch.rand(B, k, generator=g).to(device).requires_grad_(True)
+    aux_values = torch.rand(B, k_aux, generator=g).to(device).requires_grad_(True)
+    upstream = torch.randn(B, d, generator=g).to(device)
+    grad_pre = torch.randn(B, k + k_aux, generator=g).to(device)
+    both = torch.cat([indices, aux_indices], dim=1)
+
+    def provider(backend: str, shared: bool):
+        def run():
+            # Fresh views each call: the registry is keyed by the tensor objects.
+            main, aux = indices.view_as(indices), aux_indices.view_as(aux_indices)
+            layout = _csr.SharedCSR(main, aux, n)
+            if shared:
+                _csr.share(layout, main, aux)
+            with ops.use_backend(backend):
+                out = ops.sparse_decode(values, main, W_dec, b_dec)
+                torch.autograd.grad(out, (values, W_dec, b_dec), upstream)
+                out = ops.sparse_decode(aux_values, aux, W_dec, b_dec)
+                torch.autograd.grad(out, (aux_values, W_dec), upstream)
+                _, fn = ops.implementation_of("sparse_encoder_backward")
+                csr = {"csr": layout.csr("all")} if shared else {}
+                fn(x, both, grad_pre, W_enc, **csr)
+
+        return run
+
+    backends, skipped = _backends()
+    providers = {}
+    for b in backends:
+        providers[f"fastsae-{b}-shared"] = provider(b, True)
+        providers[f"fastsae-{b}-per-reduction"] = provider(b, False)
+    K = k + k_aux
+    return Case(
+        name="sparse_backward_shared_csr",
+        mode="fwd+bwd",
+        shapes={"B": B, "d": d, "n": n, "k": k, "k_aux": k_aux},
+        providers=providers,
+        skipped=skipped,
+        # two decodes (forward, grad_values, grad_W_dec) and grad_W_enc
+        flops=6 * B * K * d + 2 * B * K * d,
+        bytes=4 * (4 * B * K * d + 2 * n * d),
+        baseline=f"fastsae-{backends[0]}-per-reduction",
+        items=B,
+    )
+
+
+def csr_layouts_per_step(B: int, d: int, n: int, k: int) -> Case:
+    """Only the CSR-by-latent layouts of one TopK step with AuxK active (``k_aux = d / 2``): the
+    shared one (one sort of the main and AuxK ids together, the main and AuxK layouts derived from
+    it) against one sort per reduction (main, AuxK, both), as before. The part of
+    ``sparse_backward_shared_csr`` that sharing changes."""
+    from fastsae.ops import _csr
+
+    device = _device()
+    k_aux = d // 2
+    g = torch.Generator(device="cpu").manual_seed(3)
+    indices = torch.randint(0, n, (B, k), generator=g).to(device)
+    aux_indices = torch.randint(0, n, (B, k_aux), generator=g).to(device)
+    both = torch.cat([indices, aux_indices], dim=1)
+
+    def shared():
+        layout = _csr.SharedCSR(indices, aux_indices, n)
+        return [layout.csr(part) for part in ("main", "aux", "all")]
+
+    def per_reduction():
+        return [_csr.csr_by_latent(ids, n) for ids in (indices, aux_indices, both)]
+
+    return Case(
+        name="csr_layouts_per_step",
+        mode="bwd",
+        shapes={"B": B, "d": d, "n": n, "k": k, "k_aux": k_aux},
+        providers={"shared": shared, "per-reduction": per_reduction},
+        skipped={},
+        flops=0,
+        # int64 ids sorted and written: entries and rows of each layout
+        bytes=8 * 3 * 2 * B * (k + k_aux),
+        baseline="per-reduction",
+        items=B,
+    )
+
+
 Builder = Callable[..., Case]
 REGISTRY: dict[str, Builder] = {
     "sparse_decode_fwd_bwd": sparse_decode_fwd_bwd,
     "encoder_backward": encoder_backward,
+    "sparse_backward_shared_csr": sparse_backward_shared_csr,
+    "csr_layouts_per_step": csr_layouts_per_step,
     "encode_topk_fwd": encode_topk_fwd,
     "encode_topk_strategies_fwd": encode_topk_strategies_fwd,
     "encode_batch_topk_fwd": encode_batch_topk_fwd,

@@ -42,16 +42,22 @@ def _auxk_term(
     aux_values: Tensor | None,
     aux_indices: Tensor | None,
     residual: Tensor,
-    n_dead: int,
+    dead_mask: Tensor | None,
     k_aux: int,
 ) -> Tensor:
     """AuxK (Gao et al. 2024) from sparse candidates: decode them without bias and fit the
-    detached residual; scaled by ``min(n_dead / k_aux, 1)`` as in SAELens."""
-    if aux_values is None or n_dead == 0:
+    detached residual; scaled by ``min(n_dead / k_aux, 1)`` as in SAELens.
+
+    The scale stays on the device (no host sync: the triton backend's step is sync-free). With no
+    dead latent it is exactly 0, and the candidates, zero-valued padding then, add nothing.
+    """
+    if aux_values is None or dead_mask is None:
         return residual.new_zeros(())
     zero_bias = torch.zeros_like(sae.b_dec)
     aux_recon = ops.sparse_decode(aux_values, aux_indices, sae.W_dec, zero_bias)
-    return min(n_dead / k_aux, 1.0) * ref.mse(aux_recon, residual.detach())
+    mse = ref.mse(aux_recon, residual.detach())
+    # float64 division, then the loss dtype: the rounding of the Python min(n_dead / k_aux, 1).
+    return (dead_mask.sum().double() / k_aux).clamp(max=1.0).to(mse.dtype) * mse
 
 
 def _encode_jumprelu_adaptive(sae: SAE, x: Tensor, threshold: Tensor, b_dec: Tensor | None):
@@ -118,8 +124,7 @@ class TopKSAE(SAE):
         k_aux = _default_k_aux(self, coeffs["k_aux"])
         out = self._forward_2d(x, dead_mask=dead_mask, k_aux=k_aux if dead_mask is not None else 0)
         mse = ref.mse(out.recon, y)
-        n_dead = 0 if dead_mask is None else int(dead_mask.sum())
-        aux = _auxk_term(self, out.aux_values, out.aux_indices, y - out.recon, n_dead, k_aux)
+        aux = _auxk_term(self, out.aux_values, out.aux_indices, y - out.recon, dead_mask, k_aux)
         terms = {"mse": mse, "auxk": coeffs["aux_coeff"] * aux}
         return LossOutput(loss=mse + terms["auxk"], terms=terms, output=out)
 
@@ -188,20 +193,22 @@ class BatchTopKSAE(SAE):
         k_aux = _default_k_aux(self, coeffs["k_aux"])
         out = self._forward_2d(x, dead_mask=dead_mask, k_aux=k_aux if dead_mask is not None else 0)
         mse = ref.mse(out.recon, y)
-        n_dead = 0 if dead_mask is None else int(dead_mask.sum())
         if out.pre is not None:  # eval mode: dense pre-activations are at hand
             out.aux_values, out.aux_indices = self._aux_from_dense(out.pre, dead_mask, k_aux)
-        aux = _auxk_term(self, out.aux_values, out.aux_indices, y - out.recon, n_dead, k_aux)
+        aux = _auxk_term(self, out.aux_values, out.aux_indices, y - out.recon, dead_mask, k_aux)
         terms = {"mse": mse, "auxk": coeffs["aux_coeff"] * aux}
         terms.update(self._extra_terms(x, y, out))
         return LossOutput(loss=sum(terms.values()), terms=terms, output=out)
 
     def _aux_from_dense(self, pre: Tensor, dead_mask: Tensor | None, k_aux: int):
-        if dead_mask is None or not bool(dead_mask.any()):
+        """The top ``min(k_aux, d_sae)`` dead latents per row, a fixed width (no host sync):
+        slots past the dead count hold live latents with value 0 (padding)."""
+        if dead_mask is None:
             return None, None
         masked = torch.where(dead_mask, pre, torch.full_like(pre, float("-inf")))
-        _, idx = ref.topk(masked.detach(), min(k_aux, int(dead_mask.sum())))
-        return torch.relu(pre.gather(-1, idx)), idx
+        _, idx = ref.topk(masked.detach(), min(k_aux, self.d_sae))
+        values = torch.relu(pre.gather(-1, idx))
+        return torch.where(dead_mask[idx], values, torch.zeros_like(values)), idx
 
     def _extra_terms(self, x: Tensor, y: Tensor, out: SAEOutput) -> dict[str, Tensor]:
         return {}

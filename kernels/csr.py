@@ -26,14 +26,16 @@ The launch helpers here are shared by :mod:`fastsae.kernels.sparse_decode` and
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
 from fastsae.kernels._launch import acc_dtype, launch
+
+# The layout is pure torch (the torch backend builds it too) and lives in the ops layer, which
+# shares one build between the decoder's and the encoder's backward.
+from fastsae.ops._csr import CSR, csr_by_latent
 
 __all__ = [
     "CSR",
@@ -163,29 +165,6 @@ def _segment_reduce_fwd_kernel(
 # ---------------------------------------------------------------------------------------------
 # Layout and launchers
 # ---------------------------------------------------------------------------------------------
-
-
-class CSR(NamedTuple):
-    """``[B, K]`` latent ids grouped by latent: latent ``i`` owns positions
-    ``offsets[i]:offsets[i + 1]`` of ``entries`` (flat ids ``b * K + j``, increasing) and of
-    ``rows`` (their ``b``). Build it once per set of ids; every reduction over them reuses it."""
-
-    offsets: Tensor  # [n + 1] int64
-    entries: Tensor  # [B*K] int64
-    rows: Tensor  # [B*K] int64
-
-
-def csr_by_latent(indices: Tensor, n: int) -> CSR:
-    """Group the entries of ``indices`` (``[B, K]`` int64 ids in ``[0, n)``, duplicates allowed)
-    by latent. The sort is stable, so the reduction order, and the result, are reproducible."""
-    flat = indices.reshape(-1)
-    sorted_ids, entries = torch.sort(flat, stable=True)
-    # searchsorted rather than bincount + cumsum: bincount sizes its output from max(ids), a
-    # device-to-host sync on CUDA in the middle of the backward; searchsorted needs none.
-    bounds = torch.arange(n + 1, device=flat.device, dtype=flat.dtype)
-    offsets = torch.searchsorted(sorted_ids, bounds)
-    rows = entries // max(indices.shape[1], 1)
-    return CSR(offsets, entries, rows)
 
 
 def _plan(starts, ends, rows, coef, X, out, coef_sum=None, dst=None, *, write_empty=True):

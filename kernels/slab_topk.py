@@ -507,6 +507,7 @@ def select_topk(
     threshold: Tensor | None = None,
     dead_mask: Tensor | None = None,
     k_aux: int = 0,
+    fixed_aux_width: bool = False,
     slab: int | None = None,
     splits: int | None = None,
     blocks: Blocks | None = None,
@@ -528,6 +529,9 @@ def select_topk(
         dead_mask: ``[d_sae]`` bool or None. With ``k_aux > 0`` the top
             ``k_aux' = min(k_aux, n_dead)`` scores among dead latents are selected too, by a
             second pass over each slab (``k_aux' <= MAX_K``; counting the dead is one host sync).
+        fixed_aux_width: return ``k_aux' = min(k_aux, d_sae)`` AuxK slots instead, ``-inf`` past
+            the dead count, whatever it is: no host sync, and one compile key for a run (the
+            triton backend's choice).
         slab: latents per slab (default: ``SLAB_BYTES`` of scores).
         splits: column splits per slab (default: enough programs for an H100).
         blocks: override the block sizes (tests, benchmarks).
@@ -537,12 +541,14 @@ def select_topk(
         descending (**not** ReLU'd), ``indices [B, k]`` int64; ties follow fastsae's rule (lower
         latent first, ``-0.0 == +0.0``). A row with fewer than ``k`` finite scores is padded with
         ``-inf`` (index 0). ``aux_top [B, k_aux']`` / ``aux_indices`` likewise, or
-        ``None, None`` when ``k_aux == 0`` or no latent is dead.
+        ``None, None`` when ``k_aux == 0`` or no latent is dead (with ``fixed_aux_width``: only
+        when ``k_aux == 0``).
     """
     _check_args(x_in, W_enc, b_enc, k, threshold, dead_mask, k_aux)
     k_aux_eff = 0
     if dead_mask is not None and k_aux > 0:
-        k_aux_eff = min(k_aux, int(dead_mask.sum()))
+        n_dead = W_enc.shape[1] if fixed_aux_width else int(dead_mask.sum())
+        k_aux_eff = min(k_aux, n_dead)
         if k_aux_eff > MAX_K:
             raise ValueError(f"k_aux'={k_aux_eff} = min(k_aux, n_dead) must be <= {MAX_K}")
     blk = list(blocks) if blocks is not None else None

@@ -18,6 +18,8 @@ The forward kernel takes ``W`` with arbitrary strides, so the encoder backward r
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import triton
 import triton.language as tl
@@ -31,7 +33,7 @@ from fastsae.kernels._launch import (
     launch,
     output,
 )
-from fastsae.kernels.csr import block_d, segment_reduce
+from fastsae.kernels.csr import CSR, block_d, segment_reduce
 
 __all__ = ["sparse_decode"]
 
@@ -291,14 +293,20 @@ def _sparse_decode_grad_values(
 
 
 def _sparse_decode_grad_W_dec(
-    grad_out: Tensor, values: Tensor, indices: Tensor, W_dec: Tensor, *, out: Tensor | None = None
+    grad_out: Tensor,
+    values: Tensor,
+    indices: Tensor,
+    W_dec: Tensor,
+    *,
+    out: Tensor | None = None,
+    csr: CSR | None = None,
 ) -> Tensor:
     _check_args(values, indices, W_dec, None)
     if grad_out.shape != (values.shape[0], W_dec.shape[1]):
         raise ValueError(f"grad_out must be [B, d_out], got {tuple(grad_out.shape)}")
     check_index_range(indices, W_dec.shape[0])
     out = output(out, tuple(W_dec.shape), W_dec, W_dec.dtype)
-    segment_reduce(indices, values, grad_out, out)
+    segment_reduce(indices, values, grad_out, out, csr=csr)
     return out
 
 
@@ -331,12 +339,22 @@ def _(grad_out, values, indices, W_dec):
 
 
 @torch.library.custom_op("fastsae::sparse_decode_grad_W_dec", mutates_args=())
-def _grad_W_dec_op(grad_out: Tensor, values: Tensor, indices: Tensor, W_dec: Tensor) -> Tensor:
-    return _sparse_decode_grad_W_dec(grad_out, values, indices, W_dec)
+def _grad_W_dec_op(
+    grad_out: Tensor,
+    values: Tensor,
+    indices: Tensor,
+    W_dec: Tensor,
+    csr_offsets: Tensor | None = None,
+    csr_entries: Tensor | None = None,
+    csr_rows: Tensor | None = None,
+) -> Tensor:
+    # The layout travels as three optional tensors: a custom op takes no tuple of tensors.
+    csr = None if csr_offsets is None else CSR(csr_offsets, csr_entries, csr_rows)
+    return _sparse_decode_grad_W_dec(grad_out, values, indices, W_dec, csr=csr)
 
 
 @_grad_W_dec_op.register_fake
-def _(grad_out, values, indices, W_dec):
+def _(grad_out, values, indices, W_dec, csr_offsets=None, csr_entries=None, csr_rows=None):
     return torch.empty_like(W_dec, memory_format=torch.contiguous_format)
 
 
@@ -361,12 +379,43 @@ def _backward(ctx, grad_out):
 _sparse_decode_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _SharedLayoutDecode(torch.autograd.Function):
+    """The same op, with ``grad_W_dec`` over a layout the caller shares (built at most once per
+    step for the decoder, the AuxK decoder and the encoder: :mod:`fastsae.ops._csr`). A Python
+    function, because the layout is built lazily in the backward and is not a tensor input."""
+
+    @staticmethod
+    def forward(ctx, values, indices, W_dec, b_dec, csr):
+        ctx.save_for_backward(values, indices, W_dec)
+        ctx.b_dec_dtype, ctx.csr = b_dec.dtype, csr
+        return _sparse_decode_op(values, indices, W_dec, b_dec)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        values, indices, W_dec = ctx.saved_tensors
+        grad_values = grad_W_dec = grad_b_dec = None
+        if ctx.needs_input_grad[0]:
+            grad_values = _grad_values_op(grad_out, values, indices, W_dec)
+        if ctx.needs_input_grad[2]:
+            grad_W_dec = _grad_W_dec_op(grad_out, values, indices, W_dec, *ctx.csr())
+        if ctx.needs_input_grad[3]:
+            grad_b_dec = grad_out.sum(0).to(ctx.b_dec_dtype)
+        return grad_values, None, grad_W_dec, grad_b_dec, None
+
+
 # ---------------------------------------------------------------------------------------------
 # Public function
 # ---------------------------------------------------------------------------------------------
 
 
-def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor) -> Tensor:
+def sparse_decode(
+    values: Tensor,
+    indices: Tensor,
+    W_dec: Tensor,
+    b_dec: Tensor,
+    *,
+    csr: Callable[[], CSR] | None = None,
+) -> Tensor:
     """``out[b] = sum_j values[b, j] * W_dec[indices[b, j]] + b_dec`` with Triton kernels.
 
     Args:
@@ -376,6 +425,9 @@ def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor)
             :func:`fastsae.kernels._launch.check_index_range`).
         W_dec: ``[d_sae, d_out]``, any strides.
         b_dec: ``[d_out]``.
+        csr: for 2-D ``indices``, a function returning their :class:`CSR` layout, called once
+            in the backward instead of sorting the ids again (the step's shared layout,
+            :mod:`fastsae.ops._csr`).
 
     Returns:
         ``[..., d_out]`` in the promoted dtype of the three float inputs, accumulated in fp32.
@@ -390,5 +442,7 @@ def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor)
         )
     lead, k = values.shape[:-1], values.shape[-1]
     B = lead.numel()  # not reshape(-1, k): that is ambiguous when k == 0
+    if csr is not None and values.dim() == 2 and indices.dtype == torch.int64:
+        return _SharedLayoutDecode.apply(values, indices, W_dec, b_dec, csr)
     out = _sparse_decode_op(values.reshape(B, k), indices.reshape(B, k).long(), W_dec, b_dec)
     return out.reshape(*lead, W_dec.shape[-1])

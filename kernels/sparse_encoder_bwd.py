@@ -28,7 +28,7 @@ from fastsae.kernels._launch import (
     check_same_device,
     output,
 )
-from fastsae.kernels.csr import segment_reduce
+from fastsae.kernels.csr import CSR, segment_reduce
 from fastsae.kernels.sparse_decode import gather_rows
 
 __all__ = ["sparse_encoder_backward"]
@@ -72,6 +72,7 @@ def _sparse_encoder_grad_weights(
     *,
     out: Tensor | None = None,
     out_b: Tensor | None = None,
+    csr: CSR | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``(grad_W_enc latent-major [N, d_in], grad_b_enc [N])``, both in ``W_enc.dtype``."""
     _check_args(x, indices, grad_pre, W_enc)
@@ -79,7 +80,7 @@ def _sparse_encoder_grad_weights(
     check_index_range(indices, n)
     out = output(out, (n, d_in), W_enc, W_enc.dtype)
     out_b = output(out_b, (n,), W_enc, W_enc.dtype)
-    segment_reduce(indices, grad_pre, x, out, out_b)
+    segment_reduce(indices, grad_pre, x, out, out_b, csr=csr)
     return out, out_b
 
 
@@ -101,13 +102,21 @@ def _sparse_encoder_grad_x(
 
 @torch.library.custom_op("fastsae::sparse_encoder_grad_weights", mutates_args=())
 def _grad_weights_op(
-    x: Tensor, indices: Tensor, grad_pre: Tensor, W_enc: Tensor
+    x: Tensor,
+    indices: Tensor,
+    grad_pre: Tensor,
+    W_enc: Tensor,
+    csr_offsets: Tensor | None = None,
+    csr_entries: Tensor | None = None,
+    csr_rows: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    return _sparse_encoder_grad_weights(x, indices, grad_pre, W_enc)
+    # The layout travels as three optional tensors: a custom op takes no tuple of tensors.
+    csr = None if csr_offsets is None else CSR(csr_offsets, csr_entries, csr_rows)
+    return _sparse_encoder_grad_weights(x, indices, grad_pre, W_enc, csr=csr)
 
 
 @_grad_weights_op.register_fake
-def _(x, indices, grad_pre, W_enc):
+def _(x, indices, grad_pre, W_enc, csr_offsets=None, csr_entries=None, csr_rows=None):
     _check_args(x, indices, grad_pre, W_enc)
     d_in, n = W_enc.shape
     return W_enc.new_empty((n, d_in)), W_enc.new_empty((n,))
@@ -136,6 +145,7 @@ def sparse_encoder_backward(
     W_enc: Tensor,
     *,
     need_grad_x: bool = False,
+    csr: CSR | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """Encoder gradients with Triton kernels; semantics of
     :func:`fastsae.reference.sparse_encoder_backward`.
@@ -148,6 +158,8 @@ def sparse_encoder_backward(
         W_enc: ``[d_in, d_sae]``, any strides (fastest as the ``.T`` of a ``[d_sae, d_in]``
             buffer when ``need_grad_x``).
         need_grad_x: also compute ``grad_x``.
+        csr: ``csr_by_latent(indices, d_sae)`` when the caller has it (the step's shared
+            layout, :mod:`fastsae.ops._csr`); built here otherwise.
 
     Returns:
         ``(grad_W_enc [d_in, d_sae], grad_b_enc [d_sae], grad_x [B, d_in] or None)``.
@@ -156,6 +168,7 @@ def sparse_encoder_backward(
         Accumulated in fp32, deterministic (no atomics). Not differentiable (it is a backward).
     """
     indices = indices.long()
-    grad_W_latent_major, grad_b_enc = _grad_weights_op(x, indices, grad_pre, W_enc)
+    layout = () if csr is None else tuple(csr)
+    grad_W_latent_major, grad_b_enc = _grad_weights_op(x, indices, grad_pre, W_enc, *layout)
     grad_x = _grad_x_op(x, indices, grad_pre, W_enc) if need_grad_x else None
     return grad_W_latent_major.T, grad_b_enc, grad_x

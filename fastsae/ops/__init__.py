@@ -85,8 +85,11 @@ class EncodeTopKOutput(NamedTuple):
 
     values: ``[B, k]`` ReLU'd top-k pre-activations, sorted descending.
     indices: ``[B, k]`` int64 latent ids.
-    aux_values: ``[B, k_aux]`` the same among dead latents, or ``None`` when ``k_aux == 0``.
-    aux_indices: ``[B, k_aux]`` int64, or ``None``.
+    aux_values: ``[B, k_aux']`` the same among dead latents, or ``None`` when ``k_aux == 0``.
+        ``k_aux' = min(k_aux, n_dead)`` on the torch and reference backends (``None`` with no dead
+        latent); the fixed ``min(k_aux, n)`` on the triton backend, zero-valued past the dead
+        count (no host sync to count them).
+    aux_indices: ``[B, k_aux']`` int64, or ``None``.
     """
 
     values: Tensor
@@ -237,7 +240,8 @@ def encode_batch_topk(
     """BatchTopK encode: keep the ``round(k * B)`` largest ReLU'd pre-activations of the batch.
 
     Rows keep different numbers of latents, so ``values``/``indices`` are ``[B, w]`` with ``w`` the
-    busiest row's count; zero values are padding. Ties: lower flat index ``b * n + i`` first, as
+    busiest row's count (the triton backend: a fixed candidate count per row, see
+    ``docs/kernels.md``, "Host syncs"); zero values are padding. Ties: lower flat index ``b * n + i`` first, as
     :func:`fastsae.reference.batch_topk`. AuxK candidates as in :func:`encode_topk`.
     """
     return _call(

@@ -11,6 +11,7 @@ backward or formed in it.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
 from typing import NamedTuple
@@ -19,6 +20,7 @@ import torch
 from torch import Tensor
 
 from fastsae.ops import EncodeTopKOutput, implementation_of
+from fastsae.ops._csr import SharedCSR, share
 
 SelectFn = Callable[..., tuple[Tensor, Tensor, Tensor | None, Tensor | None]]
 
@@ -34,7 +36,7 @@ class _SparseEncode(torch.autograd.Function):
     """``values = relu(pre[indices])`` for the selected entries (``-inf`` scores are padding)."""
 
     @staticmethod
-    def forward(ctx, x, W_enc, b_enc, b_dec, selector, encoder_backward):
+    def forward(ctx, x, W_enc, b_enc, b_dec, selector, encoder_backward, shared):
         x_in = x - b_dec if b_dec is not None else x
         with torch.no_grad():
             top, indices, aux_top, aux_indices = selector(x_in, W_enc, b_enc)
@@ -48,6 +50,12 @@ class _SparseEncode(torch.autograd.Function):
         ctx.save_for_backward(x_in, W_enc, indices, values, aux_indices, aux_values)
         ctx.has_b_dec = b_dec is not None
         ctx.encoder_backward = encoder_backward
+        ctx.layout = None
+        if shared is not None:
+            # The step's CSR-by-latent layout, sorted once (lazily) for this backward and the
+            # decoders' (fastsae/ops/_csr.py); `_apply` registers the ids it is keyed by.
+            ctx.layout = SharedCSR(indices, aux_indices, W_enc.shape[1])
+            shared.append(ctx.layout)
         return values, indices, aux_values, aux_indices
 
     @staticmethod
@@ -58,8 +66,17 @@ class _SparseEncode(torch.autograd.Function):
         if aux_indices.shape[1]:
             indices = torch.cat([indices, aux_indices], dim=1)
             grad_pre = torch.cat([grad_pre, grad_aux * (aux_values > 0)], dim=1)
+        layout = {}
+        if ctx.layout is not None:
+            layout = {"csr": ctx.layout.csr("all")}
+            ctx.layout.release()  # the decoders' backward ran first: this is its last use
         grad_W_enc, grad_b_enc, grad_x = ctx.encoder_backward(
-            x_in, indices, grad_pre.contiguous(), W_enc, need_grad_x=ctx.needs_input_grad[0]
+            x_in,
+            indices,
+            grad_pre.contiguous(),
+            W_enc,
+            need_grad_x=ctx.needs_input_grad[0],
+            **layout,
         )
         grad_b_dec = None
         if ctx.has_b_dec and ctx.needs_input_grad[3]:
@@ -73,15 +90,21 @@ class _SparseEncode(torch.autograd.Function):
             grad_b_dec,
             None,
             None,
+            None,
         )
 
 
-def _apply(x, W_enc, b_enc, b_dec, selector, encoder_backward):
+def _apply(x, W_enc, b_enc, b_dec, selector, encoder_backward, *, share_layout=False):
+    """Run the encoder. ``share_layout``: ``encoder_backward`` takes a ``csr=`` layout, and the
+    returned ids are registered so that decoding them shares it (one sort per step)."""
+    shared: list = [] if share_layout and torch.is_grad_enabled() else None
     values, indices, aux_values, aux_indices = _SparseEncode.apply(
-        x, W_enc, b_enc, b_dec, selector, encoder_backward
+        x, W_enc, b_enc, b_dec, selector, encoder_backward, shared
     )
     if aux_indices.shape[1] == 0:
         aux_values = aux_indices = None
+    if shared:
+        share(shared[0], indices, aux_indices)
     return values, indices, aux_values, aux_indices
 
 
@@ -102,6 +125,7 @@ def batch_topk_select(
     k: float,
     *,
     n: int | None = None,
+    static_width: bool = False,
     **aux,
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
     """Exact BatchTopK selection from per-row candidates.
@@ -115,12 +139,22 @@ def batch_topk_select(
 
     ``n``: the number of latents ``select`` chooses from; default ``W_enc.shape[1]`` (the
     latent-sharded ``select`` of fastsae/parallel chooses among every rank's latents).
+
+    ``static_width``: no host sync (the triton backend, for CUDA graphs): every row keeps its
+    ``m`` candidates (unkept ones ``-inf``, value 0: padding), the K-th score and its ties are
+    resolved on the device (:func:`_kept_on_device`), and nothing is widened. Exact unless a
+    row holds more than ``m`` of the batch's winners; the rows that might have are counted,
+    on the device, in ``BATCH_TOPK_STATS["cut_rows"]`` (a 0-dim tensor of the last call).
     """
     B = x_in.shape[0]
     n = W_enc.shape[1] if n is None else n
     K = max(1, min(round(k * B), B * n))
     m = min(n, max(2 * math.ceil(k) + 8, math.ceil(K / max(B, 1))))
     top, idx, aux_top, aux_idx = select(x_in, W_enc, b_enc, m, **aux)
+    if static_width:
+        kept, cut_rows = _kept_on_device(torch.relu(top), K, m < n)
+        BATCH_TOPK_STATS["cut_rows"] = cut_rows
+        return top.masked_fill(~kept, float("-inf")), idx, aux_top, aux_idx
     while True:
         scores = torch.relu(top)
         tau = torch.topk(scores.reshape(-1), K).values[-1]
@@ -160,17 +194,47 @@ def batch_topk_select(
     return top.gather(-1, order), idx.gather(-1, order), aux_top, aux_idx
 
 
-def make_encode_ops(select: SelectFn) -> dict[str, Callable]:
+#: ``cut_rows``: of the last static-width BatchTopK selection, the number of rows whose every
+#: candidate was kept (they may hold more winners than candidates: the result is then not the
+#: exact BatchTopK); a device tensor, read it only where a sync is fine.
+BATCH_TOPK_STATS: dict[str, Tensor | None] = {"cut_rows": None}
+
+
+def _kept_on_device(scores: Tensor, K: int, can_cut: bool) -> tuple[Tensor, Tensor]:
+    """Which of the candidates ``scores [B, m]`` (ReLU'd, each row in score order, equal scores
+    in latent order) are among the batch's ``K`` largest, lower flat index ``b * n + i`` first
+    among equals, with static shapes only.
+
+    With ``tau`` the K-th largest: every score above ``tau`` is kept, and of those equal to
+    ``tau`` the first ``K - #above`` in row-major order, which is flat-index order (rows in
+    order, equal scores within a row in latent order). Zero scores carry nothing and are
+    dropped. Returns ``(kept [B, m] bool, cut_rows)``: ``cut_rows`` counts the rows whose last
+    candidate was kept (0 when ``can_cut`` is False: every latent was a candidate).
+    """
+    flat = scores.reshape(-1)
+    tau = torch.topk(flat, K, sorted=False).values.min()
+    above = scores > tau
+    tied = scores == tau
+    need = K - above.sum()
+    rank = torch.cumsum(tied.reshape(-1), 0).reshape(scores.shape)
+    kept = (above | (tied & (rank <= need))) & (scores > 0)
+    cut_rows = kept[:, -1].sum() if can_cut else kept.new_zeros((), dtype=torch.long)
+    return kept, cut_rows
+
+
+def make_encode_ops(select: SelectFn, *, static_width: bool = False) -> dict[str, Callable]:
     """Build ``encode_topk``, ``encode_batch_topk`` and ``encode_jumprelu`` from ``select``.
 
     Their backward uses the ``sparse_encoder_backward`` of the backend active at the call (so the
     Triton kernels when the Triton backend is selected), resolved in the forward and kept, since
-    backward may run in another thread.
+    backward may run in another thread. ``static_width``: BatchTopK without a host sync (see
+    :func:`batch_topk_select`).
     """
 
     def _encode(x, W_enc, b_enc, b_dec, selector):
         encoder_backward = implementation_of("sparse_encoder_backward")[1]
-        return _apply(x, W_enc, b_enc, b_dec, selector, encoder_backward)
+        takes_csr = "csr" in inspect.signature(encoder_backward).parameters
+        return _apply(x, W_enc, b_enc, b_dec, selector, encoder_backward, share_layout=takes_csr)
 
     def encode_topk(x, W_enc, b_enc, k, *, b_dec=None, dead_mask=None, k_aux=0) -> EncodeTopKOutput:
         if not 1 <= k <= W_enc.shape[1]:
@@ -186,7 +250,9 @@ def make_encode_ops(select: SelectFn) -> dict[str, Callable]:
             raise ValueError(f"k={k} must be in (0, d_sae={W_enc.shape[1]}]")
 
         def selector(x_in, W, b):
-            return batch_topk_select(select, x_in, W, b, k, dead_mask=dead_mask, k_aux=k_aux)
+            return batch_topk_select(
+                select, x_in, W, b, k, static_width=static_width, dead_mask=dead_mask, k_aux=k_aux
+            )
 
         return EncodeTopKOutput(*_encode(x, W_enc, b_enc, b_dec, selector))
 

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fastsae.ops._csr import CSR, csr_by_latent, shared_csr_of
 from fastsae.ops._sparse_encode import make_encode_ops
 
 __all__ = [
@@ -62,18 +63,13 @@ def _csr_by_row(indices: Tensor, weights: Tensor, n: int) -> Tensor:
     )
 
 
-def _csr_by_latent(indices: Tensor, weights: Tensor, n: int) -> Tensor:
-    """``[n, B]`` CSR: the ``B*k`` entries grouped by latent (a stable sort keeps each latent's
-    rows in order, so the reduction order, and the result, is deterministic)."""
-    B, k = indices.shape
-    flat = indices.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=n)
-    crow = torch.zeros(n + 1, dtype=torch.long, device=indices.device)
-    torch.cumsum(counts, 0, out=crow[1:])
-    rows = torch.div(order, k, rounding_mode="floor")
+def _csr_by_latent(layout: CSR, weights: Tensor, n: int, B: int) -> Tensor:
+    """``[n, B]`` CSR: the ``B*k`` entries grouped by latent, from ``layout``
+    (:func:`fastsae.ops._csr.csr_by_latent`, or the step's shared one). Its stable sort keeps each
+    latent's rows in order, so the reduction order, and the result, are deterministic."""
+    offsets, entries, rows = layout
     return torch.sparse_csr_tensor(
-        crow, rows, weights.reshape(-1)[order], (n, B), check_invariants=False
+        offsets, rows, weights.reshape(-1)[entries], (n, B), check_invariants=False
     )
 
 
@@ -106,8 +102,9 @@ def _sampled_row_dots(g: Tensor, W: Tensor, indices: Tensor) -> Tensor:
 
 class _SparseDecode(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor) -> Tensor:
+    def forward(ctx, values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor, csr) -> Tensor:
         ctx.save_for_backward(values, indices, W_dec)
+        ctx.csr = csr
         out = F.embedding_bag(indices, W_dec, per_sample_weights=values, mode="sum")
         return out + b_dec
 
@@ -120,15 +117,19 @@ class _SparseDecode(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_values = _sampled_row_dots(grad_out, W_dec, indices)
         if ctx.needs_input_grad[2]:
-            grad_W_dec = _csr_by_latent(indices, values, n) @ grad_out
+            layout = ctx.csr() if ctx.csr is not None else csr_by_latent(indices, n)
+            grad_W_dec = _csr_by_latent(layout, values, n, indices.shape[0]) @ grad_out
         if ctx.needs_input_grad[3]:
             grad_b_dec = grad_out.sum(0)
-        return grad_values, None, grad_W_dec, grad_b_dec
+        return grad_values, None, grad_W_dec, grad_b_dec, None
 
 
 def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor) -> Tensor:
-    """See :func:`fastsae.ops.sparse_decode`."""
-    return _SparseDecode.apply(values, indices, W_dec, b_dec)
+    """See :func:`fastsae.ops.sparse_decode`. Ids returned by this backend's encoders reuse the
+    step's shared CSR layout for ``grad_W_dec`` (:mod:`fastsae.ops._csr`)."""
+    return _SparseDecode.apply(
+        values, indices, W_dec, b_dec, shared_csr_of(indices, W_dec.shape[0])
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -143,11 +144,14 @@ def sparse_encoder_backward(
     W_enc: Tensor,
     *,
     need_grad_x: bool = False,
+    csr: CSR | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """See :func:`fastsae.reference.sparse_encoder_backward`. ``grad_W_enc`` is returned as the
-    ``[d_in, n]`` transpose view of a contiguous latent-major ``[n, d_in]`` buffer."""
+    ``[d_in, n]`` transpose view of a contiguous latent-major ``[n, d_in]`` buffer. ``csr``: the
+    layout of ``indices`` when the caller has it (the step's shared one), built here otherwise."""
     n = W_enc.shape[1]
-    by_latent = _csr_by_latent(indices, grad_pre, n)
+    layout = csr if csr is not None else csr_by_latent(indices, n)
+    by_latent = _csr_by_latent(layout, grad_pre, n, indices.shape[0])
     grad_W_enc = (by_latent @ x).T
     grad_b_enc = torch.zeros(n, dtype=grad_pre.dtype, device=grad_pre.device)
     grad_b_enc.index_add_(0, indices.reshape(-1), grad_pre.reshape(-1))

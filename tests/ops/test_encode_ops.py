@@ -9,11 +9,12 @@ import textwrap
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from fastsae import reference as ref
 from fastsae.ops import _reference, _torch
+from fastsae.ops._sparse_encode import BATCH_TOPK_STATS, batch_topk_select
 from tests.tolerances import assert_close
 
 
@@ -66,6 +67,40 @@ def test_batch_topk_codes_match_oracle(problem, k):
     for row_v, row_i in zip(got.values, got.indices, strict=True):
         kept = row_i[row_v > 0].tolist()
         assert len(kept) == len(set(kept))
+
+
+@settings(max_examples=200)
+@given(encoder_problem(), st.floats(0.05, 3.0))
+def test_batch_topk_static_width_matches_oracle(problem, k):
+    """The sync-free BatchTopK of the triton backend (m candidates per row kept, the K-th score
+    and its ties resolved on the device, unkept slots -inf) equals the oracle, ties included,
+    whenever no row was cut (every candidate of a row kept)."""
+    x, W, bias, ties, _ = problem
+    n = W.shape[1]
+    k = min(k, n)
+    top, idx, _, _ = batch_topk_select(_torch.select_topk, x, W, bias, k, static_width=True)
+    assume(int(BATCH_TOPK_STATS["cut_rows"]) == 0)
+    pre = ref.pre_activations(x, W, bias)
+    dense = ref.sparse_to_dense(torch.relu(top), idx, n)
+    want = ref.batch_topk(pre, k)
+    if ties:
+        assert torch.equal(dense, want)
+    else:
+        assert_close(dense, want)
+
+
+def test_batch_topk_static_width_counts_a_cut_row():
+    """A row holding more of the batch's winners than its m = 2k + 8 candidates is cut on the
+    sync-free path, and counted on the device."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(8, 4, generator=g, dtype=torch.float64)
+    x[0] *= 100  # row 0 beats every other row on every latent
+    W = torch.rand(4, 48, generator=g, dtype=torch.float64)
+    bias = torch.zeros(48, dtype=torch.float64)
+    top, _, _, _ = batch_topk_select(_torch.select_topk, x, W, bias, 3.0, static_width=True)
+    assert top.shape == (8, 14)  # m = 2 * 3 + 8
+    assert int(BATCH_TOPK_STATS["cut_rows"]) == 1
+    assert int(torch.isfinite(top).sum()) == 24  # still K = 3 * 8 codes
 
 
 @settings(max_examples=150)
