@@ -55,7 +55,13 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.backends.nvidia.compiler import CUDABackend, get_ptxas  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from fastsae.kernels import csr, encode_topk, slab_topk, sparse_decode  # noqa: E402
+from fastsae.kernels import (  # noqa: E402
+    csr,
+    encode_topk,
+    encode_topk_filtered,
+    slab_topk,
+    sparse_decode,
+)
 
 # Targets: A100 (sm_80) and H100 (sm_90; Triton emits PTX for sm_90a there).
 CAPABILITIES = (80, 90)
@@ -147,6 +153,10 @@ def _cases() -> Iterator[Case]:
     # AuxK, strategies, both W_enc layouts), fp32 and bf16.
     for cfg in encode_topk.compile_configs():
         yield Case(cfg.name, cfg.d_in, cfg.dtype, cfg.plan)
+    # The threshold-filtered fused kernel (128 x 128 tiles, TMA, persistent grid): its
+    # configurations with and without TMA descriptors.
+    for name, dname, plan in encode_topk_filtered.compile_configs():
+        yield Case(name, 2304, dname, plan)
     # The streaming top-k over cuBLAS slabs: k up to 2048, the threshold and AuxK passes. It
     # reads scores, not d_in-wide rows: the width column shows 0.
     for name, dname, plan in slab_topk.compile_configs():
