@@ -57,8 +57,6 @@ __all__ = ["Blocks", "blocks_for", "compile_configs", "select_topk"]
 # and 3.9 (docs/kernels.md); not timed on a GPU (none was lent to this work).
 # ---------------------------------------------------------------------------------------------
 
-# Largest k and min(k_aux, d_sae), as in encode_topk (larger: the ops layer's torch path).
-MAX_K = _et.MAX_K
 # 128 x 128 tiles: a 128 x 128 fp32 accumulator is 64 registers per thread at 8 warps, and the
 # state is not in registers during the K-loop, so this is the largest tile whose accumulator
 # leaves room for the 3-stage pipeline and the slow path (256 x 128 would be 128 registers of
@@ -511,7 +509,8 @@ def select_topk(
     """The ``k`` largest encoder scores per row, fused with the encoder GEMM. Not differentiable.
 
     Same arguments and results as :func:`fastsae.kernels.encode_topk.select_topk` (``x_in
-    [B, d_in]``, ``W_enc [d_in, d_sae]`` any strides, ``b_enc [d_sae]``, ``1 <= k <= MAX_K``;
+    [B, d_in]``, ``W_enc [d_in, d_sae]`` any strides, ``b_enc [d_sae]``, ``1 <= k <=
+    encode_topk.MAX_K``;
     returns ``top [B, k]`` fp32 sorted descending, ``indices [B, k]`` int64, and the AuxK pair
     ``[B, min(k_aux, d_sae)]`` or ``None, None``), same tie rule, NaN and ``-0.0`` handling.
 
