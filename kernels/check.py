@@ -199,14 +199,17 @@ def _ptxas_stats(ptx: str, capability: int) -> tuple[int, int]:
     return int(regs.group(1)), int(spills.group(1))
 
 
-_MMA = re.compile(r"\b(wgmma\.mma_async|mma\.sync)\.[\w.]*?\.(bf16|f16|tf32|f64)\b")
+_MMA = re.compile(
+    r"\b(wgmma\.mma_async|mma\.sync)\.[\w.]*?(m\d+n\d+k\d+)\.[\w.]*?(bf16|f16|tf32|f64)\b"
+)
 
 
 def _tensor_core_op(ptx: str) -> str:
-    """``wgmma.bf16`` / ``mma.tf32`` ...: the MMA instruction and operand type in ``ptx``, or
+    """``wgmma.bf16:m64n128k16`` / ``mma.tf32:m16n8k8`` ...: the MMA instruction, operand type
+    and instruction shape in ``ptx`` (the shape says how much of the tile one wgmma covers), or
     ``-`` when the kernel uses no tensor cores (the gather kernels)."""
-    found = sorted({(op.split(".")[0], ty) for op, ty in _MMA.findall(ptx)})
-    return ",".join(f"{op}.{ty}" for op, ty in found) or "-"
+    found = sorted({(op.split(".")[0], ty, shape) for op, shape, ty in _MMA.findall(ptx)})
+    return ",".join(f"{op}.{ty}:{shape}" for op, ty, shape in found) or "-"
 
 
 def _compile_one(job: tuple[int, int]) -> tuple[str, str]:
@@ -222,9 +225,11 @@ def _compile_one(job: tuple[int, int]) -> tuple[str, str]:
         regs, spills = _ptxas_stats(compiled.asm["ptx"], capability)
         shared = compiled.metadata.shared
         mma = _tensor_core_op(compiled.asm["ptx"])
+        if "cp.async.bulk.tensor" in compiled.asm["ptx"]:
+            mma += "+tma"  # the tiles arrive by TMA copies (tensor descriptors)
         row = (
             f"{kernel_name:<28} {case.name:<40} {case.width:>5} sm_{capability:<3} "
-            f"{case.dtype:<5} {regs:>4} {spills:>6} {shared:>6} {mma:<11} {meta}"
+            f"{case.dtype:<5} {regs:>4} {spills:>6} {shared:>6} {mma:<22} {meta}"
         )
         return row, ""
     except Exception as e:  # noqa: BLE001 - every failure is reported, then the exit is non-zero
@@ -265,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
 
     header = (
         f"{'kernel':<28} {'launch':<40} {'d':>5} {'target':<6} {'dtype':<5} {'regs':>4} "
-        f"{'spills':>6} {'shared':>6} {'mma':<11} meta"
+        f"{'spills':>6} {'shared':>6} {'mma':<22} meta"
     )
     print(f"triton {triton.__version__} (from {os.path.dirname(triton.__file__)})")
     print(header)
@@ -282,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{len(results) - len(errors)}/{len(results)} compiled in {time.time() - start:.1f} s")
     print(
         "spills = ptxas spill-store bytes; shared = bytes of shared memory per program; "
-        "mma = tensor-core instruction.operand type in the PTX"
+        "mma = tensor-core instruction.operand type:shape in the PTX (+tma: TMA tile copies)"
     )
     for error in errors:
         print(f"FAILED {error}", file=sys.stderr)
