@@ -38,6 +38,7 @@ if _interpreting():
     raise ImportError("fastsae.kernels.check needs real compilation: unset TRITON_INTERPRET")
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import multiprocessing  # noqa: E402
 import re  # noqa: E402
 import subprocess  # noqa: E402
@@ -82,6 +83,9 @@ class Case:
     width: int
     dtype: str
     plan: Callable
+    # Capabilities this launch happens on (the filtered kernel's TMA configurations are what an
+    # sm_90 launch gets, its pointer ones what an sm_80 launch gets).
+    targets: tuple[int, ...] = CAPABILITIES
 
 
 def _examples(d: int, dtype: torch.dtype):
@@ -155,8 +159,8 @@ def _cases() -> Iterator[Case]:
         yield Case(cfg.name, cfg.d_in, cfg.dtype, cfg.plan)
     # The threshold-filtered fused kernel (128 x 128 tiles, TMA, persistent grid): its
     # configurations with and without TMA descriptors.
-    for name, dname, plan in encode_topk_filtered.compile_configs():
-        yield Case(name, 2304, dname, plan)
+    for name, dname, plan, targets in encode_topk_filtered.compile_configs():
+        yield Case(name, 2304, dname, plan, targets)
     # The streaming top-k over cuBLAS slabs: k up to 2048, the threshold and AuxK passes. It
     # reads scores, not d_in-wide rows: the width column shows 0.
     for name, dname, plan in slab_topk.compile_configs():
@@ -257,16 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     n_cases = len(list(_cases()))
     cases = list(_cases())
     picked = [i for i in range(n_cases) if args.only in cases[i].name]
-    jobs = [(i, cap) for cap in CAPABILITIES for i in picked]
-    if args.jobs > 1:
-        # spawn, not fork: building the cases runs torch ops, and a forked child of a process
-        # whose OpenMP pool has started can deadlock on the pool's locks (it did here).
-        with ProcessPoolExecutor(
-            args.jobs, mp_context=multiprocessing.get_context("spawn")
-        ) as pool:
-            results = list(pool.map(_compile_one, jobs))
-    else:
-        results = [_compile_one(job) for job in jobs]
+    jobs = [(i, cap) for cap in CAPABILITIES for i in picked if cap in cases[i].targets]
 
     header = (
         f"{'kernel':<28} {'launch':<40} {'d':>5} {'target':<6} {'dtype':<5} {'regs':>4} "
@@ -274,13 +269,28 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"triton {triton.__version__} (from {os.path.dirname(triton.__file__)})")
     print(header)
-    print("-" * len(header))
-    errors = []
-    for (index, capability), (row, error) in zip(jobs, results, strict=True):
+    print("-" * len(header), flush=True)
+    errors, results = [], []
+    with contextlib.ExitStack() as stack:
+        if args.jobs > 1:
+            # spawn, not fork: building the cases runs torch ops, and a forked child of a process
+            # whose OpenMP pool has started can deadlock on the pool's locks (it did here).
+            context = multiprocessing.get_context("spawn")
+            pool = stack.enter_context(ProcessPoolExecutor(args.jobs, mp_context=context))
+            done = pool.map(_compile_one, jobs)
+        else:
+            done = map(_compile_one, jobs)
+        # Rows are printed as they arrive (in job order), so a run cut short keeps its rows.
+        for job, result in zip(jobs, done, strict=True):
+            results.append((job, result))
+            _, error = result
+            if error:
+                errors.append(error)
+            else:
+                print(result[0], flush=True)
+    for (index, capability), (row, error) in results:
         if error:
-            errors.append(error)
             continue
-        print(row)
         spills = int(row.split()[-4])  # ... regs spills shared mma meta
         if capability in args.no_spills_on and spills:
             errors.append(f"{row.split()[0]} case {index} spills {spills} B on sm_{capability}")
