@@ -254,6 +254,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--only", default="", help="compile only the launches whose label contains this text"
     )
+    parser.add_argument(
+        "--target",
+        type=int,
+        action="append",
+        metavar="CAP",
+        help="compile only for this capability (repeatable; default: 80 and 90)",
+    )
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION")
 
@@ -261,7 +268,8 @@ def main(argv: list[str] | None = None) -> int:
     n_cases = len(list(_cases()))
     cases = list(_cases())
     picked = [i for i in range(n_cases) if args.only in cases[i].name]
-    jobs = [(i, cap) for cap in CAPABILITIES for i in picked if cap in cases[i].targets]
+    capabilities = args.target or CAPABILITIES
+    jobs = [(i, cap) for cap in capabilities for i in picked if cap in cases[i].targets]
 
     header = (
         f"{'kernel':<28} {'launch':<40} {'d':>5} {'target':<6} {'dtype':<5} {'regs':>4} "
