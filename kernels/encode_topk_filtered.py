@@ -62,6 +62,9 @@ __all__ = ["Blocks", "blocks_for", "compile_configs", "select_topk"]
 # leaves room for the 3-stage pipeline and the slow path (256 x 128 would be 128 registers of
 # accumulator alone).
 MAX_BLOCK_M = 128
+# fp32 inputs (tf32x3: each operand split into a high and a low tf32 part) at 128 x 128 spilled
+# 20-84 B on sm_90 (Triton 3.9 / 3.6, TMA and pointer paths): fp32 takes 64 rows.
+MAX_BLOCK_M_FP32 = 64
 MIN_BLOCK_M = 16
 BLOCK_N = 128
 # Slow-path budget: the state [BM, KP] and one chunk of candidates [BM, KP] are int64 registers
@@ -301,7 +304,7 @@ class Blocks(NamedTuple):
 def blocks_for(kp: int, kap: int, dtype: torch.dtype) -> Blocks:
     """Blocks for a main state of ``kp`` keys and an AuxK state of ``kap`` (0: none): the
     largest rows (<= 128) whose slow path stays within SLOW_PATH_KEYS for each state."""
-    block_m = MAX_BLOCK_M
+    block_m = MAX_BLOCK_M if dtype.itemsize <= 2 else MAX_BLOCK_M_FP32
     while block_m > MIN_BLOCK_M and block_m * 2 * max(kp, kap) > SLOW_PATH_KEYS:
         block_m //= 2
     block_k = max(16, BLOCK_K_BYTES // dtype.itemsize)
