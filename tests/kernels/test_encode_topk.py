@@ -663,6 +663,9 @@ def test_filtered_blocks_and_grid():
     x, W, b = _problem(40, 16, 300, dtype=torch.float64, seed=0)
     plan = ef._launch_plan(x, W, b, 4, None, None, 0, 2, ef.Blocks(16, 16, 16), None)[0]
     assert plan[1] == (min(ef.DEFAULT_SMS, 3 * 2),) and plan[2]["num_work"] == 6
+    for dtype, tma in ((torch.bfloat16, True), (torch.float32, False)):  # TMA: 16-bit inputs
+        args = (x.to(dtype), W.to(dtype), b.to(dtype), 4, None, None, 0, None, None, None)
+        assert ef._launch_plan(*args)[0][2]["USE_TMA"] is tma
     with pytest.raises(ValueError, match="block_n=24"):
         ef.select_topk(x, W, b, 4, blocks=ef.Blocks(16, 24, 16))
     with pytest.raises(ValueError, match="k=0"):
