@@ -68,9 +68,10 @@ MAX_BLOCK_M_FP32 = 64
 MIN_BLOCK_M = 16
 BLOCK_N = 128
 # Slow-path budget: the state [BM, KP] and one chunk of candidates [BM, KP] are int64 registers
-# while they merge: BM * 2 * KP <= 16384 keys is 128 registers per thread at 8 warps. KP <= 64
-# keeps 128 rows; KP=128 takes 64 rows (m64n128 still, one warpgroup's shape), KP=512 16 rows.
-SLOW_PATH_KEYS = 16384
+# while they merge: BM * 2 * KP <= 8192 keys is 64 registers per thread at 8 warps. KP <= 32
+# keeps 128 rows, KP=64 takes 64, KP=128 32, KP=512 16. At 16384 keys (128 x 128 at KP=64) the
+# bf16 tile spilled 160 B (Triton 3.9) / 128 B (3.6) on sm_90.
+SLOW_PATH_KEYS = 8192
 BLOCK_K_BYTES = _et.BLOCK_K_BYTES
 NUM_WARPS = 8
 NUM_STAGES = 3

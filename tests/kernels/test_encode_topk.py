@@ -653,16 +653,18 @@ def test_filtered_default_blocks_and_strided_inputs(seed):
 
 
 def test_filtered_blocks_and_grid():
-    """128 x 128 tiles up to k=64 (bf16; 64 x 128 for fp32), fewer rows above (the slow path's
+    """128 x 128 tiles up to k=32 (bf16; 64 x 128 for fp32), fewer rows above (the slow path's
     registers); the persistent
     grid never launches more programs than work items; bad blocks fail before any launch."""
     assert ef.blocks_for(32, 0, torch.bfloat16)[:3] == (128, 128, 64)
     assert ef.blocks_for(64, 0, torch.float32)[:3] == (64, 128, 32)  # tf32x3 spilled at 128
-    assert ef.blocks_for(128, 0, torch.bfloat16).block_m == 64
-    assert ef.blocks_for(32, 256, torch.bfloat16).block_m == 32
+    assert ef.blocks_for(64, 0, torch.bfloat16).block_m == 64
+    assert ef.blocks_for(128, 0, torch.bfloat16).block_m == 32
+    assert ef.blocks_for(32, 256, torch.bfloat16).block_m == 16
     x, W, b = _problem(40, 16, 300, dtype=torch.float64, seed=0)
     plan = ef._launch_plan(x, W, b, 4, None, None, 0, 2, ef.Blocks(16, 16, 16), None)[0]
     assert plan[1] == (min(ef.DEFAULT_SMS, 3 * 2),) and plan[2]["num_work"] == 6
+    x, W, b = _problem(40, 16, 320, dtype=torch.float64, seed=0)  # 16-byte aligned rows
     for dtype, tma in ((torch.bfloat16, True), (torch.float32, False)):  # TMA: 16-bit inputs
         args = (x.to(dtype), W.to(dtype), b.to(dtype), 4, None, None, 0, None, None, None)
         assert ef._launch_plan(*args)[0][2]["USE_TMA"] is tma
