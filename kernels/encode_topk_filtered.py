@@ -72,6 +72,8 @@ BLOCK_N = 128
 # keeps 128 rows, KP=64 takes 64, KP=128 32, KP=512 16. At 16384 keys (128 x 128 at KP=64) the
 # bf16 tile spilled 160 B (Triton 3.9) / 128 B (3.6) on sm_90.
 SLOW_PATH_KEYS = 8192
+# fp32 (tf32x3 operands take registers too): 64 x 128 at KP=64 spilled 76 B under Triton 3.6.
+SLOW_PATH_KEYS_FP32 = 4096
 BLOCK_K_BYTES = _et.BLOCK_K_BYTES
 NUM_WARPS = 8
 NUM_STAGES = 3
@@ -308,8 +310,10 @@ class Blocks(NamedTuple):
 def blocks_for(kp: int, kap: int, dtype: torch.dtype) -> Blocks:
     """Blocks for a main state of ``kp`` keys and an AuxK state of ``kap`` (0: none): the
     largest rows (<= 128) whose slow path stays within SLOW_PATH_KEYS for each state."""
-    block_m = MAX_BLOCK_M if dtype.itemsize <= 2 else MAX_BLOCK_M_FP32
-    while block_m > MIN_BLOCK_M and block_m * 2 * max(kp, kap) > SLOW_PATH_KEYS:
+    wide = dtype.itemsize <= 2
+    block_m = MAX_BLOCK_M if wide else MAX_BLOCK_M_FP32
+    budget = SLOW_PATH_KEYS if wide else SLOW_PATH_KEYS_FP32
+    while block_m > MIN_BLOCK_M and block_m * 2 * max(kp, kap) > budget:
         block_m //= 2
     block_k = max(16, BLOCK_K_BYTES // dtype.itemsize)
     return Blocks(block_m, BLOCK_N, block_k)

@@ -657,7 +657,8 @@ def test_filtered_blocks_and_grid():
     registers); the persistent
     grid never launches more programs than work items; bad blocks fail before any launch."""
     assert ef.blocks_for(32, 0, torch.bfloat16)[:3] == (128, 128, 64)
-    assert ef.blocks_for(64, 0, torch.float32)[:3] == (64, 128, 32)  # tf32x3 spilled at 128
+    assert ef.blocks_for(32, 0, torch.float32)[:3] == (64, 128, 32)  # tf32x3 spilled at 128
+    assert ef.blocks_for(64, 0, torch.float32).block_m == 32
     assert ef.blocks_for(64, 0, torch.bfloat16).block_m == 64
     assert ef.blocks_for(128, 0, torch.bfloat16).block_m == 32
     assert ef.blocks_for(32, 256, torch.bfloat16).block_m == 16
