@@ -10,21 +10,24 @@ Design
   of the output buffer ``cand [B, S, KP]`` (L1/L2-resident; Triton has no explicit shared-memory
   API outside Gluon). The registers hold one int32 per row: ``thr``, the high word (ordered
   score) of the row's current ``KP``-th key. During the K-loop only the fp32 accumulator is live,
-  so the tile grows to 128 x 128 (``wgmma m64n128k16`` on sm_90, two warpgroups) where the
-  register-state kernel needed 128 x 64 at k=32 and 64 x 64 at k=64.
+  so the bf16 tile grows to 128 x 128 at k <= 32 (``wgmma m64n128k16`` on sm_90, two
+  warpgroups; the register-state kernel: 128 x 64) and 64 x 128 at k=64 (``m64n64k16``; was
+  64 x 64, ``m64n32k16``). The slow path still merges in registers, which sets those rows.
 - **Fast path: one int32 compare per score.** A tile's scores are mapped to ordered int32 high
   words (``-0.0`` to ``+0.0``, NaN to ``+qNaN``, masked to below ``-inf``) and compared with
   ``>=`` against the row's ``thr`` (a superset of the keys that beat the ``KP``-th one). Where no
   row of the tile has a passing score, nothing else happens: no 64-bit key is built.
-- **Slow path: compacted candidates.** Otherwise the passing scores of each row are packed into
-  64-bit keys and stored, compacted (position = running count in the row, ``tl.cumsum``), to the
-  program's scratch rows ``[BLOCK_M, BLOCK_N]``. The state is loaded, the candidates are merged
-  ``KP`` at a time (``r`` rounds of "candidate max replaces state min", or the sorted merge when a
-  chunk has more than ``GATED_SORT_ABOVE[KP]`` of them: a slab's first tile, adversarial
-  orders), the state is stored back and ``thr`` refreshed. A tile costs ``max_rows(passing)``
-  rounds, not ``BLOCK_N``.
-- **TMA** (``USE_TMA``): ``x`` and ``W_enc`` are read through host-built tensor descriptors when
-  their layout allows it (unit inner stride, 16-byte aligned base and outer stride; ``W_enc``
+- **Slow path: candidates filtered per chunk.** Otherwise the tile's high words are stored to
+  the program's int32 scratch rows ``[BLOCK_M, BLOCK_N]``, the state is loaded, and the tile is
+  merged ``CHUNK = max(KP, 16)`` columns at a time: each chunk is filtered again against the
+  rising threshold and skipped when nothing passes; else ``r`` rounds of "chunk max replaces
+  state min" (``r`` = the most passing scores of any row, capped at ``KP``), or the sorted merge
+  when ``r > GATED_SORT_ABOVE[KP]`` (a slab's first tile, adversarial orders). The state is
+  stored back and ``thr`` refreshed. Compacting per candidate instead (``tl.cumsum`` positions
+  and a scattered store of 64-bit keys) made Triton convert the 128 x 128 tile between layouts
+  and spilled 44-780 B on sm_90.
+- **TMA** (``USE_TMA``, 16-bit inputs): ``x`` and ``W_enc`` are read through host-built tensor
+  descriptors when their layout allows it (unit inner stride, 16-byte aligned base and outer stride; ``W_enc``
   either ``[d_in, n]`` row-major or the transpose of a row-major ``[n, d_in]``); otherwise, and
   on GPUs before sm_90, by pointers. The interpreter runs both paths.
 - **Persistent grid.** ``P`` programs (one per SM on CUDA) walk the (row block, slab) work items
