@@ -195,7 +195,7 @@ def encode_topk_fwd(B: int, d: int, n: int, k: int) -> Case:
     )
 
 
-ENCODE_STRATEGIES = ("fused", "slab", "torch")
+ENCODE_STRATEGIES = ("fused", "fused_registers", "slab", "torch")
 
 
 def encode_topk_strategies_fwd(B: int, d: int, n: int, k: int) -> Case:
@@ -223,7 +223,8 @@ def encode_topk_strategies_fwd(B: int, d: int, n: int, k: int) -> Case:
         skipped = {}
     else:
         reason = skipped["fastsae-triton"]
-        skipped = {f"fastsae-{name}": reason for name in ("fused", "slab", "auto")}
+        names = ("fused", "fused_registers", "slab", "auto")
+        skipped = {f"fastsae-{name}": reason for name in names}
         providers = {"fastsae-torch": strategy("torch", backend="torch")}
 
     def addmm_topk():

@@ -38,6 +38,7 @@ if _interpreting():
     raise ImportError("fastsae.kernels.check needs real compilation: unset TRITON_INTERPRET")
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import multiprocessing  # noqa: E402
 import re  # noqa: E402
 import subprocess  # noqa: E402
@@ -55,7 +56,13 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.backends.nvidia.compiler import CUDABackend, get_ptxas  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from fastsae.kernels import csr, encode_topk, slab_topk, sparse_decode  # noqa: E402
+from fastsae.kernels import (  # noqa: E402
+    csr,
+    encode_topk,
+    encode_topk_filtered,
+    slab_topk,
+    sparse_decode,
+)
 
 # Targets: A100 (sm_80) and H100 (sm_90; Triton emits PTX for sm_90a there).
 CAPABILITIES = (80, 90)
@@ -76,6 +83,9 @@ class Case:
     width: int
     dtype: str
     plan: Callable
+    # Capabilities this launch happens on (the filtered kernel's TMA configurations are what an
+    # sm_90 launch gets, its pointer ones what an sm_80 launch gets).
+    targets: tuple[int, ...] = CAPABILITIES
 
 
 def _examples(d: int, dtype: torch.dtype):
@@ -147,6 +157,10 @@ def _cases() -> Iterator[Case]:
     # AuxK, strategies, both W_enc layouts), fp32 and bf16.
     for cfg in encode_topk.compile_configs():
         yield Case(cfg.name, cfg.d_in, cfg.dtype, cfg.plan)
+    # The threshold-filtered fused kernel (128 x 128 tiles, TMA, persistent grid): its
+    # configurations with and without TMA descriptors.
+    for name, dname, plan, targets in encode_topk_filtered.compile_configs():
+        yield Case(name, 2304, dname, plan, targets)
     # The streaming top-k over cuBLAS slabs: k up to 2048, the threshold and AuxK passes. It
     # reads scores, not d_in-wide rows: the width column shows 0.
     for name, dname, plan in slab_topk.compile_configs():
@@ -189,14 +203,17 @@ def _ptxas_stats(ptx: str, capability: int) -> tuple[int, int]:
     return int(regs.group(1)), int(spills.group(1))
 
 
-_MMA = re.compile(r"\b(wgmma\.mma_async|mma\.sync)\.[\w.]*?\.(bf16|f16|tf32|f64)\b")
+_MMA = re.compile(
+    r"\b(wgmma\.mma_async|mma\.sync)\.[\w.]*?(m\d+n\d+k\d+)\.[\w.]*?(bf16|f16|tf32|f64)\b"
+)
 
 
 def _tensor_core_op(ptx: str) -> str:
-    """``wgmma.bf16`` / ``mma.tf32`` ...: the MMA instruction and operand type in ``ptx``, or
+    """``wgmma.bf16:m64n128k16`` / ``mma.tf32:m16n8k8`` ...: the MMA instruction, operand type
+    and instruction shape in ``ptx`` (the shape says how much of the tile one wgmma covers), or
     ``-`` when the kernel uses no tensor cores (the gather kernels)."""
-    found = sorted({(op.split(".")[0], ty) for op, ty in _MMA.findall(ptx)})
-    return ",".join(f"{op}.{ty}" for op, ty in found) or "-"
+    found = sorted({(op.split(".")[0], ty, shape) for op, shape, ty in _MMA.findall(ptx)})
+    return ",".join(f"{op}.{ty}:{shape}" for op, ty, shape in found) or "-"
 
 
 def _compile_one(job: tuple[int, int]) -> tuple[str, str]:
@@ -212,9 +229,11 @@ def _compile_one(job: tuple[int, int]) -> tuple[str, str]:
         regs, spills = _ptxas_stats(compiled.asm["ptx"], capability)
         shared = compiled.metadata.shared
         mma = _tensor_core_op(compiled.asm["ptx"])
+        if "cp.async.bulk.tensor" in compiled.asm["ptx"]:
+            mma += "+tma"  # the tiles arrive by TMA copies (tensor descriptors)
         row = (
             f"{kernel_name:<28} {case.name:<40} {case.width:>5} sm_{capability:<3} "
-            f"{case.dtype:<5} {regs:>4} {spills:>6} {shared:>6} {mma:<11} {meta}"
+            f"{case.dtype:<5} {regs:>4} {spills:>6} {shared:>6} {mma:<22} {meta}"
         )
         return row, ""
     except Exception as e:  # noqa: BLE001 - every failure is reported, then the exit is non-zero
@@ -235,6 +254,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--only", default="", help="compile only the launches whose label contains this text"
     )
+    parser.add_argument(
+        "--target",
+        type=int,
+        action="append",
+        metavar="CAP",
+        help="compile only for this capability (repeatable; default: 80 and 90)",
+    )
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION")
 
@@ -242,37 +268,44 @@ def main(argv: list[str] | None = None) -> int:
     n_cases = len(list(_cases()))
     cases = list(_cases())
     picked = [i for i in range(n_cases) if args.only in cases[i].name]
-    jobs = [(i, cap) for cap in CAPABILITIES for i in picked]
-    if args.jobs > 1:
-        # spawn, not fork: building the cases runs torch ops, and a forked child of a process
-        # whose OpenMP pool has started can deadlock on the pool's locks (it did here).
-        with ProcessPoolExecutor(
-            args.jobs, mp_context=multiprocessing.get_context("spawn")
-        ) as pool:
-            results = list(pool.map(_compile_one, jobs))
-    else:
-        results = [_compile_one(job) for job in jobs]
+    capabilities = args.target or CAPABILITIES
+    jobs = [(i, cap) for cap in capabilities for i in picked if cap in cases[i].targets]
 
     header = (
         f"{'kernel':<28} {'launch':<40} {'d':>5} {'target':<6} {'dtype':<5} {'regs':>4} "
-        f"{'spills':>6} {'shared':>6} {'mma':<11} meta"
+        f"{'spills':>6} {'shared':>6} {'mma':<22} meta"
     )
     print(f"triton {triton.__version__} (from {os.path.dirname(triton.__file__)})")
     print(header)
-    print("-" * len(header))
-    errors = []
-    for (index, capability), (row, error) in zip(jobs, results, strict=True):
+    print("-" * len(header), flush=True)
+    errors, results = [], []
+    with contextlib.ExitStack() as stack:
+        if args.jobs > 1:
+            # spawn, not fork: building the cases runs torch ops, and a forked child of a process
+            # whose OpenMP pool has started can deadlock on the pool's locks (it did here).
+            context = multiprocessing.get_context("spawn")
+            pool = stack.enter_context(ProcessPoolExecutor(args.jobs, mp_context=context))
+            done = pool.map(_compile_one, jobs)
+        else:
+            done = map(_compile_one, jobs)
+        # Rows are printed as they arrive (in job order), so a run cut short keeps its rows.
+        for job, result in zip(jobs, done, strict=True):
+            results.append((job, result))
+            _, error = result
+            if error:
+                errors.append(error)
+            else:
+                print(result[0], flush=True)
+    for (index, capability), (row, error) in results:
         if error:
-            errors.append(error)
             continue
-        print(row)
         spills = int(row.split()[-4])  # ... regs spills shared mma meta
         if capability in args.no_spills_on and spills:
             errors.append(f"{row.split()[0]} case {index} spills {spills} B on sm_{capability}")
     print(f"\n{len(results) - len(errors)}/{len(results)} compiled in {time.time() - start:.1f} s")
     print(
         "spills = ptxas spill-store bytes; shared = bytes of shared memory per program; "
-        "mma = tensor-core instruction.operand type in the PTX"
+        "mma = tensor-core instruction.operand type:shape in the PTX (+tma: TMA tile copies)"
     )
     for error in errors:
         print(f"FAILED {error}", file=sys.stderr)

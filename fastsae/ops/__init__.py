@@ -28,7 +28,8 @@ Encode strategies
 -----------------
 Under the ``triton`` backend the TopK, BatchTopK and JumpReLU encoders select with one of
 :data:`ENCODE_STRATEGIES` (:mod:`fastsae.ops._encode_strategy`): ``fused`` (GEMM and top-k in
-one Triton kernel), ``slab`` (cuBLAS into bounded slabs + a streaming Triton top-k), ``torch``
+one Triton kernel: the threshold-filtered 128 x 128 kernel), ``fused_registers`` (the
+earlier fused kernel, selection state in registers), ``slab`` (cuBLAS into bounded slabs + a streaming Triton top-k), ``torch``
 (cuBLAS + ``torch.topk``), or ``auto`` (the default): the first call for a shape on a GPU times
 the eligible ones and caches the fastest. Override with ``FASTSAE_ENCODE_STRATEGY`` or, which
 wins, :func:`use_encode_strategy`.
@@ -66,7 +67,7 @@ __all__ = [
 ]
 
 BACKENDS = ("auto", "triton", "torch", "reference")
-ENCODE_STRATEGIES = ("auto", "fused", "slab", "torch")
+ENCODE_STRATEGIES = ("auto", "fused", "fused_registers", "slab", "torch")
 _FALLBACK = {
     "triton": ("triton", "torch", "reference"),
     "torch": ("torch", "reference"),

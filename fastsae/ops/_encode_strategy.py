@@ -1,11 +1,15 @@
 """Which top-k selection the encoders run: chosen by measurement, cached per shape.
 
 The TopK, BatchTopK and JumpReLU encoders (:mod:`fastsae.ops._sparse_encode`) are built on one
-*selection* function. Three implementations give the same answer (fastsae's tie rule, exactly):
+*selection* function. Four implementations give the same answer (fastsae's tie rule, exactly):
 
 ``fused``
-    :mod:`fastsae.kernels.encode_topk`: the GEMM and the selection in one Triton kernel, the
-    ``[B, d_sae]`` scores never written.
+    :mod:`fastsae.kernels.encode_topk_filtered`: the GEMM and the selection in one Triton
+    kernel, the ``[B, d_sae]`` scores never written (128 x 128 tiles, the selection state out of
+    registers behind a per-row threshold, TMA, a persistent grid).
+``fused_registers``
+    :mod:`fastsae.kernels.encode_topk`: the earlier fused kernel, selection state in registers
+    (64-wide tiles). Kept, and timed by ``auto``, until a GPU measurement retires one of them.
 ``slab``
     :mod:`fastsae.kernels.slab_topk`: cuBLAS GEMM into bounded slabs, one streaming Triton read
     of each.
@@ -18,8 +22,8 @@ dtype, shape bucket) on a device where timing means something (CUDA) times every
 implementation (one warm-up call, then the median of ``REPEATS`` calls, each between
 ``torch.cuda.Event``\\ s), keeps the fastest, logs the times at INFO on the ``fastsae.ops``
 logger, and reuses the winner for every later call with that key. An implementation that raises
-while being timed is excluded, with a log line. Eligible: all three under ``backend="auto"``;
-``fused`` and ``slab`` under ``backend="triton"`` (the user asked for Triton). Where nothing is
+while being timed is excluded, with a log line. Eligible: all four under ``backend="auto"``;
+all but ``torch`` under ``backend="triton"`` (the user asked for Triton). Where nothing is
 timed (CPU tensors under ``TRITON_INTERPRET=1``, CUDA graph capture, ``torch.compile`` tracing,
 a key not yet measured) the first eligible one in ``DEFAULT_ORDER`` runs; one that refuses the
 arguments (``ValueError``, e.g. ``k`` above its ``MAX_K``) hands the call to the next.
@@ -45,7 +49,7 @@ logger = logging.getLogger("fastsae.ops")
 
 # Untimed choice: the fused kernel keeps the [B, d_sae] scores out of memory entirely, and is what
 # the triton backend ran before measurement existed (the interpreter tests exercise it).
-DEFAULT_ORDER = ("fused", "slab", "torch")
+DEFAULT_ORDER = ("fused", "slab", "torch", "fused_registers")
 # Timed calls per implementation after one warm-up (the warm-up also pays Triton's JIT compile):
 # five, so that the median ignores up to two outliers (a clock boost, another stream's work).
 REPEATS = 5
@@ -134,7 +138,8 @@ class AutoSelect:
 
     def eligible(self) -> tuple[str, ...]:
         """Candidates the requested backend allows, in ``DEFAULT_ORDER``."""
-        allowed = DEFAULT_ORDER if requested_backend() == "auto" else ("fused", "slab")
+        triton_only = ("fused", "slab", "fused_registers")
+        allowed = DEFAULT_ORDER if requested_backend() == "auto" else triton_only
         return tuple(name for name in allowed if name in self.candidates)
 
     def key(self, x_in: Tensor, W_enc: Tensor, k: int, **kwargs) -> SelectionKey:

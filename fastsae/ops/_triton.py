@@ -9,10 +9,13 @@ CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1`` (set before Triton 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
 from fastsae.kernels import encode_topk as _encode_topk
+from fastsae.kernels import encode_topk_filtered as _encode_topk_filtered
 from fastsae.kernels import slab_topk as _slab_topk
 from fastsae.kernels.sparse_decode import sparse_decode as _sparse_decode
 from fastsae.kernels.sparse_encoder_bwd import sparse_encoder_backward as _sparse_encoder_backward
@@ -66,8 +69,12 @@ def _select(
     threshold: Tensor | None = None,
     dead_mask: Tensor | None = None,
     k_aux: int = 0,
+    kernel=_encode_topk_filtered,
 ):
-    """The kernel's selection, with the semantics of :func:`fastsae.ops._torch.select_topk`.
+    """The fused kernel's selection, with the semantics of :func:`fastsae.ops._torch.select_topk`.
+    ``kernel``: :mod:`fastsae.kernels.encode_topk_filtered` (the ``fused`` strategy) or
+    :mod:`fastsae.kernels.encode_topk` (``fused_registers``); both take ``k`` and
+    ``min(k_aux, d_sae)`` up to ``encode_topk.MAX_K``.
 
     - ``k`` above the kernel's ``MAX_K`` (JumpReLU and BatchTopK widen their candidate count
       until no row is cut off) goes to the torch path, which takes any ``k``.
@@ -91,7 +98,7 @@ def _select(
         )
     aux_on_torch = want_aux and min(k_aux, n) > _encode_topk.MAX_K
     kernel_aux = {} if aux_on_torch or not want_aux else dict(dead_mask=dead_mask, k_aux=k_aux)
-    top, idx, aux_top, aux_idx = _encode_topk.select_topk(
+    top, idx, aux_top, aux_idx = kernel.select_topk(
         x_in, W_enc, b_enc, k, threshold=threshold, **kernel_aux
     )
     if x_in.dtype == torch.float64:
@@ -132,7 +139,14 @@ def _select_slab(x_in: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, **kwargs):
 # (fastsae/ops/_encode_strategy.py: measured on a GPU unless set). The shared sparse autograd
 # (fastsae/ops/_sparse_encode.py) turns it into TopK, BatchTopK and JumpReLU encoders whose
 # backward runs the kernels above.
-select_topk = AutoSelect({"fused": _select, "slab": _select_slab, "torch": _torch.select_topk})
+select_topk = AutoSelect(
+    {
+        "fused": _select,
+        "fused_registers": functools.partial(_select, kernel=_encode_topk),
+        "slab": _select_slab,
+        "torch": _torch.select_topk,
+    }
+)
 # BatchTopK at a static width: no host sync in a training step (fastsae/ops/_sparse_encode.py).
 _encoders = make_encode_ops(select_topk, static_width=True)
 encode_topk = _encoders["encode_topk"]

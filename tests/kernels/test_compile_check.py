@@ -12,12 +12,19 @@ import sys
 
 import pytest
 
-from fastsae.kernels import csr, encode_topk, slab_topk, sparse_decode, sparse_encoder_bwd
+from fastsae.kernels import (
+    csr,
+    encode_topk,
+    encode_topk_filtered,
+    slab_topk,
+    sparse_decode,
+    sparse_encoder_bwd,
+)
 
 
 def _kernel_names() -> set[str]:
     """Every ``@triton.jit`` kernel defined in fastsae.kernels (by the naming rule ``_*_kernel``)."""
-    modules = (csr, encode_topk, slab_topk, sparse_decode, sparse_encoder_bwd)
+    modules = (csr, encode_topk, encode_topk_filtered, slab_topk, sparse_decode, sparse_encoder_bwd)
     return {
         name
         for module in modules
@@ -81,8 +88,8 @@ def test_bf16_dots_compile_to_tensor_cores(check_output):
     tiles on sm_90; mma.sync where BLOCK_M < 64 or on sm_80); fp32 inputs use tf32 MMAs
     (tf32x3), and the gather kernels none."""
     rows = _rows(check_output)
-    fused = [row for row in rows if row[0] == "_encode_topk_fwd_kernel"]
-    assert fused
+    fused = [row for row in rows if row[0] in _FUSED]
+    assert {row[0] for row in fused} == _FUSED
     for row in fused:
         operand = "bf16" if "bf16" in row else "tf32"
         assert f"mma.{operand}" in row[-2], row
@@ -90,8 +97,28 @@ def test_bf16_dots_compile_to_tensor_cores(check_output):
         if "sm_90" in row and default_tile:
             assert f"wgmma.{operand}" in row[-2], row
     for row in rows:
-        if row[0] != "_encode_topk_fwd_kernel":
+        if row[0] not in _FUSED:
             assert row[-2] == "-", row
+
+
+_FUSED = {"_encode_topk_fwd_kernel", "_encode_topk_filtered_fwd_kernel"}
+
+
+def test_filtered_kernel_uses_128_wide_wgmma_and_tma_on_sm90(check_output):
+    """Issue 13's restructured kernel: on sm_90 each of its 128 x 128 tiles (k <= 64) is
+    covered by m64n128 wgmma instructions (the register-state kernel's 64-wide tiles allowed
+    n64 at most), its "tma" configurations load by TMA (cp.async.bulk.tensor) under the Triton
+    version that produced the table, and none of them spills."""
+    rows = [r for r in _rows(check_output) if r[0] == "_encode_topk_filtered_fwd_kernel"]
+    sm90 = [r for r in rows if "sm_90" in r]
+    assert sm90 and any("sm_80" in r for r in rows)
+    assert sum("+tma" in r[-2] for r in sm90) >= 4, "the TMA configurations compile to TMA"
+    for row in sm90:
+        operand = "bf16" if "bf16" in row else "tf32"
+        if "128x128x64" in row or "128x128x32" in row:
+            assert f"wgmma.{operand}:m64n128k" in row[-2], row
+        assert ("+tma" in row[-2]) == ("tma" in row[2:-9]), row
+        assert int(row[-4]) == 0, row
 
 
 def test_both_triton_versions_are_checked_in_ci():

@@ -512,3 +512,164 @@ def test_jumprelu_and_batch_topk_widen_past_max_k(monkeypatch):
     assert_close(dense, torch.where(pre > threshold, pre, 0.0))
     got = ref.sparse_to_dense(batch.values.cpu(), batch.indices.cpu(), 40)
     assert_close(got, ref.batch_topk(pre, 12.0))
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 13: the threshold-filtered kernel (kernels/encode_topk_filtered.py). Same oracle, same
+# checks; its tile shape, program count and TMA switch are launch parameters, set small here
+# (the 128 x 128 default is what kernels/check.py compiles).
+# ---------------------------------------------------------------------------------------------
+
+from fastsae.kernels import encode_topk_filtered as ef  # noqa: E402
+
+filtered_layouts = st.tuples(
+    st.sampled_from([16, 32]),  # BLOCK_M
+    st.sampled_from([16, 32]),  # BLOCK_N
+    st.sampled_from([16, 32]),  # BLOCK_K
+    st.sampled_from([None, 1, 2, 3]),  # num_slabs
+    st.sampled_from([1, 2, 3]),  # persistent programs (fewer than the work items: loops)
+    st.booleans(),  # TMA descriptors (where the layout allows them)
+)
+
+
+def _filtered(x, W, b, k, layout, **kwargs):
+    bm, bn, bk, slabs, programs, tma = layout
+    blocks = ef.Blocks(bm, bn, bk, num_programs=programs)
+    with mock.patch.object(et, "_new_candidates", _poisoned):
+        return ef.select_topk(x, W, b, k, num_slabs=slabs, blocks=blocks, use_tma=tma, **kwargs)
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    shape=shapes,
+    k_frac=st.floats(0.0, 1.0),
+    layout=filtered_layouts,
+    integer=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_filtered_matches_oracle(shape, k_frac, layout, integer, seed):
+    B, d, n = shape
+    k = max(1, min(n, round(k_frac * n)))
+    x, W, b = _problem(B, d, n, dtype=torch.float64, seed=seed, integer=integer)
+    top, idx, aux_top, _ = _filtered(x, W, b, k, layout)
+    assert aux_top is None
+    _check_topk(top, idx, _scores(x, W, b), k, exact=True)
+
+
+@settings(max_examples=10, deadline=None)
+@given(
+    shape=shapes,
+    k=st.integers(1, 8),
+    k_aux=st.integers(1, 40),
+    dead_frac=st.sampled_from([0.05, 0.3, 1.0]),
+    layout=filtered_layouts,
+    thr_scale=st.sampled_from([None, 0.0, 2.0, 50.0]),
+    seed=st.integers(0, 2**16),
+)
+def test_filtered_threshold_and_auxk(shape, k, k_aux, dead_frac, layout, thr_scale, seed):
+    """Threshold mode (rows with fewer than k finite scores) and the AuxK state, which shares the
+    tile's scratch with the main state."""
+    B, d, n = shape
+    k = min(k, n)
+    x, W, b = _problem(B, d, n, dtype=torch.float64, seed=seed, integer=seed % 2 == 0)
+    g = torch.Generator().manual_seed(seed + 2)
+    dead = (torch.rand(n, generator=g) < dead_frac).to(DEVICE)
+    threshold = None
+    if thr_scale is not None:
+        threshold = (thr_scale * torch.rand(n, generator=g, dtype=torch.float64)).to(DEVICE)
+    top, idx, aux_top, aux_idx = _filtered(
+        x, W, b, k, layout, threshold=threshold, dead_mask=dead, k_aux=k_aux
+    )
+    scores = _scores(x, W, b, threshold)
+    _check_topk(top, idx, scores, k, exact=True)
+    dead_scores = torch.where(dead.cpu(), scores, float("-inf"))
+    _check_topk(aux_top, aux_idx, dead_scores, min(k_aux, n), exact=True)
+    finite = torch.isfinite(aux_top.cpu())
+    assert dead.cpu()[aux_idx.cpu()[finite]].all(), "an AuxK latent is not dead"
+
+
+@pytest.mark.parametrize("tma", [False, True])
+def test_filtered_ties_signed_zero_and_nan(tma, seed):
+    """The tie rule (lower latent first, exactly the stable sort's order), -0.0 tying with +0.0,
+    and NaN ranked above +inf, on both load paths."""
+    layout = (16, 16, 16, 2, 2, tma)
+    x, W, b = _problem(11, 4, 60, dtype=torch.float64, seed=seed, integer=True)
+    _, idx, _, _ = _filtered(x, W, b, 10, layout)
+    _, expected = torch.sort(_scores(x, W, b), dim=1, descending=True, stable=True)
+    assert torch.equal(idx.cpu(), expected[:, :10])
+
+    zeros = torch.zeros(2, 1, dtype=torch.float64, device=DEVICE)
+    Wz = torch.zeros(1, 4, dtype=torch.float64, device=DEVICE)
+    bz = torch.tensor([-1e-300, 1e-300, -1.0, -2.0], dtype=torch.float64, device=DEVICE)
+    top, idx, _, _ = _filtered(zeros, Wz, bz, 1, (16, 16, 16, None, 1, tma))
+    assert idx.cpu().tolist() == [[0], [0]] and top.cpu().tolist() == [[0.0], [0.0]]
+
+    W6 = torch.zeros(1, 6, dtype=torch.float64, device=DEVICE)
+    for bits in (0x7FC00000, -0x00400000, -0x007FFFFF):
+        nan = torch.tensor([bits], dtype=torch.int32).view(torch.float32).double()[0]
+        b6 = torch.tensor([1.0, 3.0, 0.0, 2.0, nan, float("inf")], dtype=torch.float64)
+        top, idx, _, _ = _filtered(zeros[:1], W6, b6.to(DEVICE), 3, (16, 16, 16, None, 1, tma))
+        assert idx.cpu().tolist() == [[4, 5, 1]], f"NaN bits {bits:#x}"
+        assert top[0, 0].isnan() and top[0, 1] == float("inf")
+
+
+@pytest.mark.parametrize("k", [12, 40])
+def test_filtered_adversarial_increasing_scores(k):
+    """Every tile beats the whole state: every tile takes the slow path with every column
+    passing (k=12: sorted merges; k=40 > the 32-wide tile: rounds only)."""
+    n = 96
+    x = torch.tensor([[1.0, 0.5]], dtype=torch.float64).repeat(3, 1).to(DEVICE)
+    W = torch.stack([torch.arange(n, dtype=torch.float64), torch.ones(n, dtype=torch.float64)])
+    W, b = W.to(DEVICE), torch.zeros(n, dtype=torch.float64, device=DEVICE)
+    top, idx, _, _ = _filtered(x, W, b, k, (16, 32, 16, 1, 1, False))
+    _check_topk(top, idx, _scores(x, W, b), k, exact=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_filtered_low_precision_inputs(dtype, seed):
+    x, W, b = _problem(13, 32, 77, dtype=dtype, seed=seed)
+    top, idx, _, _ = _filtered(x, W, b, 9, (16, 16, 16, 2, 2, True))
+    _check_topk(top, idx, _scores(x, W, b), 9, exact=False)
+
+
+def test_filtered_default_blocks_and_strided_inputs(seed):
+    """The launcher's own 128 x 128 blocks and program count; then x and W_enc with layouts TMA
+    cannot take (a column slice; W_enc.T of a latent-major buffer is taken, through a descriptor
+    of the buffer), which must pick the pointer path."""
+    x, W, b = _problem(7, 16, 40, dtype=torch.float64, seed=seed)
+    top, idx, _, _ = ef.select_topk(x, W, b, 5)
+    _check_topk(top, idx, _scores(x, W, b), 5, exact=True)
+
+    x_wide, W_t, b = _problem(9, 2 * 16, 40, dtype=torch.float64, seed=seed)
+    x_slice = x_wide[:, ::2]
+    W_lm = W_t[:16].T.contiguous().T  # [16, 40] stored as [40, 16]
+    blocks = ef.Blocks(16, 16, 16, num_programs=2)
+    for xx, ww, tma in ((x_slice, W_lm, False), (x_wide[:, :16], W_lm, True)):
+        plan = ef._launch_plan(xx, ww, b, 6, None, None, 0, 2, blocks, True)[0]
+        assert plan[2]["USE_TMA"] is tma
+        assert plan[2]["W_T"] is tma  # the latent-major buffer is read through its own descriptor
+        top, idx, _, _ = _filtered(xx, ww, b, 6, (16, 16, 16, 2, 2, True))
+        _check_topk(top, idx, _scores(xx, ww, b), 6, exact=True)
+
+
+def test_filtered_blocks_and_grid():
+    """128 x 128 tiles up to k=32 (bf16; 64 x 128 for fp32), fewer rows above (the slow path's
+    registers); the persistent
+    grid never launches more programs than work items; bad blocks fail before any launch."""
+    assert ef.blocks_for(32, 0, torch.bfloat16)[:3] == (128, 128, 64)
+    assert ef.blocks_for(32, 0, torch.float32)[:3] == (64, 128, 32)  # tf32x3 spilled at 128
+    assert ef.blocks_for(64, 0, torch.float32).block_m == 32
+    assert ef.blocks_for(64, 0, torch.bfloat16).block_m == 64
+    assert ef.blocks_for(128, 0, torch.bfloat16).block_m == 32
+    assert ef.blocks_for(32, 256, torch.bfloat16).block_m == 16
+    x, W, b = _problem(40, 16, 300, dtype=torch.float64, seed=0)
+    plan = ef._launch_plan(x, W, b, 4, None, None, 0, 2, ef.Blocks(16, 16, 16), None)[0]
+    assert plan[1] == (min(ef.DEFAULT_SMS, 3 * 2),) and plan[2]["num_work"] == 6
+    x, W, b = _problem(40, 16, 320, dtype=torch.float64, seed=0)  # 16-byte aligned rows
+    for dtype, tma in ((torch.bfloat16, True), (torch.float32, False)):  # TMA: 16-bit inputs
+        args = (x.to(dtype), W.to(dtype), b.to(dtype), 4, None, None, 0, None, None, None)
+        assert ef._launch_plan(*args)[0][2]["USE_TMA"] is tma
+    with pytest.raises(ValueError, match="block_n=24"):
+        ef.select_topk(x, W, b, 4, blocks=ef.Blocks(16, 24, 16))
+    with pytest.raises(ValueError, match="k=0"):
+        ef.select_topk(x, W, b, 0)

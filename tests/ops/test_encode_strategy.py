@@ -195,18 +195,20 @@ def test_bad_strategy_names_fail_early(monkeypatch):
     ):
         pass
     monkeypatch.setenv("FASTSAE_ENCODE_STRATEGY", "heap")
-    with pytest.raises(ValueError, match="allowed: auto, fused, slab, torch"):
+    with pytest.raises(ValueError, match="allowed: auto, fused, fused_registers, slab, torch"):
         ops.get_encode_strategy()
 
 
 # ---------------------------------------------------------------------------------------------
-# The real triton backend with the slab strategy, end to end (interpreter on CPU)
+# The real triton backend with each strategy, end to end (interpreter on CPU)
 # ---------------------------------------------------------------------------------------------
 
 
-def test_slab_strategy_encode_topk_matches_oracle_with_gradients(seed):
-    """TopK + AuxK through fastsae.ops with the slab strategy: codes and every gradient equal
-    the oracle's (float64; integer-valued inputs give exact ties, broken by the lower index)."""
+@pytest.mark.parametrize("strategy", ["slab", "fused", "fused_registers"])
+def test_strategy_encode_topk_matches_oracle_with_gradients(strategy, seed):
+    """TopK + AuxK through fastsae.ops with each Triton strategy (``fused`` is the
+    threshold-filtered kernel): codes and every gradient equal the oracle's (float64;
+    integer-valued inputs give exact ties, broken by the lower index)."""
     B, d, n, k, k_aux = 5, 4, 40, 6, 5
     g = torch.Generator().manual_seed(seed)
     x = torch.randint(-2, 3, (B, d), generator=g).double().requires_grad_()
@@ -218,7 +220,7 @@ def test_slab_strategy_encode_topk_matches_oracle_with_gradients(seed):
     upstream = torch.randn(B, n, generator=g, dtype=torch.float64)
     leaves = (x, W, bias, b_dec)
 
-    with ops.use_backend("triton"), ops.use_encode_strategy("slab"):
+    with ops.use_backend("triton"), ops.use_encode_strategy(strategy):
         got = ops.encode_topk(x, W, bias, k, b_dec=b_dec, dead_mask=dead, k_aux=k_aux)
     want = _reference.encode_topk(x, W, bias, k, b_dec=b_dec, dead_mask=dead, k_aux=k_aux)
     assert torch.equal(got.indices, want.indices)
