@@ -48,6 +48,12 @@ class _SparseEncode(torch.autograd.Function):
         ctx.save_for_backward(x_in, W_enc, indices, values, aux_indices, aux_values)
         ctx.has_b_dec = b_dec is not None
         ctx.encoder_backward = encoder_backward
+        dev = x.device.type
+        ctx.bf16_operands = (
+            x.dtype == torch.float32
+            and torch.is_autocast_enabled(dev)
+            and torch.get_autocast_dtype(dev) == torch.bfloat16
+        )
         return values, indices, aux_values, aux_indices
 
     @staticmethod
@@ -59,7 +65,12 @@ class _SparseEncode(torch.autograd.Function):
             indices = torch.cat([indices, aux_indices], dim=1)
             grad_pre = torch.cat([grad_pre, grad_aux * (aux_values > 0)], dim=1)
         grad_W_enc, grad_b_enc, grad_x = ctx.encoder_backward(
-            x_in, indices, grad_pre.contiguous(), W_enc, need_grad_x=ctx.needs_input_grad[0]
+            x_in,
+            indices,
+            grad_pre.contiguous(),
+            W_enc,
+            need_grad_x=ctx.needs_input_grad[0],
+            bf16_operands=ctx.bf16_operands,
         )
         grad_b_dec = None
         if ctx.has_b_dec and ctx.needs_input_grad[3]:

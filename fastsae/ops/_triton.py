@@ -45,11 +45,14 @@ def sparse_encoder_backward(
     W_enc: Tensor,
     *,
     need_grad_x: bool = False,
+    bf16_operands: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """:func:`fastsae.kernels.sparse_encoder_bwd.sparse_encoder_backward`.
 
     Returns ``(grad_W_enc [d_in, d_sae], grad_b_enc [d_sae], grad_x [B, d_in] or None)``.
+    ``bf16_operands`` is ignored: the kernel reads the operands in their own dtype.
     """
+    del bf16_operands
     return _sparse_encoder_backward(x, indices, grad_pre, W_enc, need_grad_x=need_grad_x)
 
 
