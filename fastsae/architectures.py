@@ -41,17 +41,19 @@ def _auxk_term(
     sae: SAE,
     aux_values: Tensor | None,
     aux_indices: Tensor | None,
-    residual: Tensor,
+    y: Tensor,
+    recon: Tensor,
     n_dead: int,
     k_aux: int,
 ) -> Tensor:
     """AuxK (Gao et al. 2024) from sparse candidates: decode them without bias and fit the
-    detached residual; scaled by ``min(n_dead / k_aux, 1)`` as in SAELens."""
+    detached residual ``y - recon``; scaled by ``min(n_dead / k_aux, 1)`` as in SAELens. The
+    residual is formed only when there are dead latents (one ``[B, d]`` pass saved otherwise)."""
     if aux_values is None or n_dead == 0:
-        return residual.new_zeros(())
+        return recon.new_zeros(())
     zero_bias = torch.zeros_like(sae.b_dec)
     aux_recon = ops.sparse_decode(aux_values, aux_indices, sae.W_dec, zero_bias)
-    return min(n_dead / k_aux, 1.0) * ref.mse(aux_recon, residual.detach())
+    return min(n_dead / k_aux, 1.0) * ref.mse(aux_recon, (y - recon).detach())
 
 
 def _encode_jumprelu_adaptive(sae: SAE, x: Tensor, threshold: Tensor, b_dec: Tensor | None):
@@ -119,7 +121,7 @@ class TopKSAE(SAE):
         out = self._forward_2d(x, dead_mask=dead_mask, k_aux=k_aux if dead_mask is not None else 0)
         mse = ref.mse(out.recon, y)
         n_dead = 0 if dead_mask is None else int(dead_mask.sum())
-        aux = _auxk_term(self, out.aux_values, out.aux_indices, y - out.recon, n_dead, k_aux)
+        aux = _auxk_term(self, out.aux_values, out.aux_indices, y, out.recon, n_dead, k_aux)
         terms = {"mse": mse, "auxk": coeffs["aux_coeff"] * aux}
         return LossOutput(loss=mse + terms["auxk"], terms=terms, output=out)
 
@@ -191,7 +193,7 @@ class BatchTopKSAE(SAE):
         n_dead = 0 if dead_mask is None else int(dead_mask.sum())
         if out.pre is not None:  # eval mode: dense pre-activations are at hand
             out.aux_values, out.aux_indices = self._aux_from_dense(out.pre, dead_mask, k_aux)
-        aux = _auxk_term(self, out.aux_values, out.aux_indices, y - out.recon, n_dead, k_aux)
+        aux = _auxk_term(self, out.aux_values, out.aux_indices, y, out.recon, n_dead, k_aux)
         terms = {"mse": mse, "auxk": coeffs["aux_coeff"] * aux}
         terms.update(self._extra_terms(x, y, out))
         return LossOutput(loss=sum(terms.values()), terms=terms, output=out)
