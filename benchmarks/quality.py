@@ -13,7 +13,8 @@ Configurations, each trained for every budget (steps) and width:
 
 - ``fastsae-<arch>``: ``fastsae.train.Trainer`` with its **default flags** (only ``d_sae``, ``k``
   and ``total_tokens = budget * B`` set; the schedule knows the run length) for every
-  architecture; ``fastsae-topk-bf16`` adds ``autocast="bf16"``.
+  architecture, pinned to fp32 (``autocast="fp32"``: the default ``auto`` would pick bf16 on some
+  machines); ``fastsae-topk-bf16`` sets ``autocast="bf16"``.
 - ``sparsify`` / ``sparsify-bf16``: EleutherAI sparsify's own step
   (:mod:`benchmarks.competitors.sparsify_step`), fp32 and under bf16 autocast.
 - ``sae_lens`` / ``sae_lens-bf16``: SAELens's own ``SAETrainer.step`` on a TopK SAE
@@ -154,7 +155,7 @@ def run_budget(
         try:
             if name.startswith("fastsae-"):
                 arch = name.removeprefix("fastsae-").removesuffix("-bf16")
-                kw = {"autocast": "bf16"} if name.endswith("-bf16") else {}
+                kw = {"autocast": "bf16" if name.endswith("-bf16") else "fp32"}
                 runners.append(fastsae_runner(name, x, n, steps, arch, **kw))
             else:
                 runners.append(anchor_runner(name, x, n))

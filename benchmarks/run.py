@@ -55,8 +55,12 @@ def run_suite(
     only: list[str] | None = None,
     override: dict[str, int] | None = None,
     echo=print,
+    providers: list[str] | None = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Measure every case of ``suite``; returns the run's environment and its rows."""
+    """Measure every case of ``suite``; returns the run's environment and its rows.
+
+    ``providers``: measure only these providers of each case, and its baseline (the others are
+    left out of the run, not recorded as skipped)."""
     env = environment()
     env["suite"] = suite
     env["ceilings"] = measure_ceilings()
@@ -76,6 +80,10 @@ def run_suite(
         except Exception as exc:
             case_rows = [_case_row(name, "error", _describe(exc), suite)]
         else:
+            if providers:
+                keep = set(providers) | {case.baseline}
+                case.providers = {n: f for n, f in case.providers.items() if n in keep}
+                case.skipped = {n: r for n, r in case.skipped.items() if n in keep}
             case_rows = measure(case, repeats=repeats, warmup=warmup, ceilings=env["ceilings"])
             del case
         for row in case_rows:
@@ -103,6 +111,13 @@ def main(argv: list[str] | None = None) -> int:
         metavar="NAME=INT",
         help="override one of the suite's sizes B, d, n, k (repeatable), e.g. --set n=4096",
     )
+    parser.add_argument(
+        "--provider",
+        action="append",
+        default=None,
+        help="measure only this provider of each case, and the case's baseline (repeatable), "
+        "e.g. --only trainer_step --provider fastsae-torch --provider fastsae-torch-bf16",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads first")
     parser.add_argument("--out", type=Path, default=None, help="append results here instead")
     parser.add_argument("--no-record", action="store_true", help="print only; write no results")
@@ -115,7 +130,9 @@ def main(argv: list[str] | None = None) -> int:
         if name not in SIZES[args.suite] or not value.isdigit():
             parser.error(f"--set {item}: expected NAME=INT with NAME one of B, d, n, k")
         override[name] = int(value)
-    env, rows = run_suite(args.suite, args.repeats, args.warmup, args.only, override)
+    env, rows = run_suite(
+        args.suite, args.repeats, args.warmup, args.only, override, providers=args.provider
+    )
     if override:
         print(f"sizes overridden: {override} (recorded in each result's shapes)")
     if not args.no_record:

@@ -14,7 +14,9 @@ def _device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _fastsae_trainer(x: torch.Tensor, n: int, k: int, backend: str) -> StepProvider:
+def _fastsae_trainer(
+    x: torch.Tensor, n: int, k: int, backend: str, autocast: str = "fp32"
+) -> StepProvider:
     from fastsae.train import TrainConfig, Trainer
 
     B, d = x.shape
@@ -26,6 +28,7 @@ def _fastsae_trainer(x: torch.Tensor, n: int, k: int, backend: str) -> StepProvi
         buffer_tokens=2 * B,
         total_tokens=10**12,
         backend=backend,
+        autocast=autocast,
         device=str(x.device),
         warmup_steps=0,
         progress=False,
@@ -68,7 +71,9 @@ def trainer_step(B: int, d: int, n: int, k: int) -> Case:
     """One full training step (forward, AuxK bookkeeping, backward, decoder projection, Adam,
     renormalisation) on random activations.
 
-    Providers: fastsae's ``Trainer.step`` per backend; the same Trainer on the ``reference``
+    Providers: fastsae's ``Trainer.step`` per backend in fp32 (``autocast="fp32"``, whatever
+    ``auto`` would pick), and on the torch backend in bf16 (``fastsae-torch-bf16``: bf16 GEMM with
+    an exact top-k, bf16 operands in the sparse backward, fp32 master weights and Adam); the same Trainer on the ``reference``
     backend (dense oracles: the dense-SAE baseline); SAELens's and sparsify's own steps
     (:mod:`benchmarks.competitors`); and the floor of an exact TopK step: one encoder ``addmm``,
     one ``torch.topk`` and one Adam step over the same parameters.
@@ -79,6 +84,7 @@ def trainer_step(B: int, d: int, n: int, k: int) -> Case:
     builders = {
         "fastsae-triton": lambda: _fastsae_trainer(x, n, k, "triton"),
         "fastsae-torch": lambda: _fastsae_trainer(x, n, k, "torch"),
+        "fastsae-torch-bf16": lambda: _fastsae_trainer(x, n, k, "torch", "bf16"),
         "dense-reference": lambda: _fastsae_trainer(x, n, k, "reference"),
         "sae_lens": lambda: sae_lens_step.make_step(x, n, k),
         "sparsify": lambda: sparsify_step.make_step(x, n, k),
@@ -111,7 +117,7 @@ def trainer_step(B: int, d: int, n: int, k: int) -> Case:
         # the dense reference and SAELens take seconds per step at the full shapes
         repeats=5 if n >= 16384 else None,
         notes=(
-            "fp32, Adam, no dead latents yet (AuxK inactive in every provider); sae_lens: its "
+            "fp32 except fastsae-torch-bf16, Adam, no dead latents yet (AuxK inactive in every provider); sae_lens: its "
             "SAETrainer.step on a TopKTrainingSAE; sparsify: its Trainer's step with "
             "torch.optim.Adam"
             + (

@@ -41,21 +41,23 @@ def _auxk_term(
     sae: SAE,
     aux_values: Tensor | None,
     aux_indices: Tensor | None,
-    residual: Tensor,
+    y: Tensor,
+    recon: Tensor,
     dead_mask: Tensor | None,
     k_aux: int,
 ) -> Tensor:
     """AuxK (Gao et al. 2024) from sparse candidates: decode them without bias and fit the
-    detached residual; scaled by ``min(n_dead / k_aux, 1)`` as in SAELens.
+    detached residual ``y - recon``; scaled by ``min(n_dead / k_aux, 1)`` as in SAELens.
 
     The scale stays on the device (no host sync: the triton backend's step is sync-free). With no
-    dead latent it is exactly 0, and the candidates, zero-valued padding then, add nothing.
+    dead latent it is exactly 0, and the candidates, zero-valued padding then, add nothing. The
+    residual is formed only when there are candidates (one ``[B, d]`` pass saved otherwise).
     """
     if aux_values is None or dead_mask is None:
-        return residual.new_zeros(())
+        return recon.new_zeros(())
     zero_bias = torch.zeros_like(sae.b_dec)
     aux_recon = ops.sparse_decode(aux_values, aux_indices, sae.W_dec, zero_bias)
-    mse = ref.mse(aux_recon, residual.detach())
+    mse = ref.mse(aux_recon, (y - recon).detach())
     # float64 division, then the loss dtype: the rounding of the Python min(n_dead / k_aux, 1).
     return (dead_mask.sum().double() / k_aux).clamp(max=1.0).to(mse.dtype) * mse
 
@@ -124,7 +126,7 @@ class TopKSAE(SAE):
         k_aux = _default_k_aux(self, coeffs["k_aux"])
         out = self._forward_2d(x, dead_mask=dead_mask, k_aux=k_aux if dead_mask is not None else 0)
         mse = ref.mse(out.recon, y)
-        aux = _auxk_term(self, out.aux_values, out.aux_indices, y - out.recon, dead_mask, k_aux)
+        aux = _auxk_term(self, out.aux_values, out.aux_indices, y, out.recon, dead_mask, k_aux)
         terms = {"mse": mse, "auxk": coeffs["aux_coeff"] * aux}
         return LossOutput(loss=mse + terms["auxk"], terms=terms, output=out)
 
@@ -195,7 +197,7 @@ class BatchTopKSAE(SAE):
         mse = ref.mse(out.recon, y)
         if out.pre is not None:  # eval mode: dense pre-activations are at hand
             out.aux_values, out.aux_indices = self._aux_from_dense(out.pre, dead_mask, k_aux)
-        aux = _auxk_term(self, out.aux_values, out.aux_indices, y - out.recon, dead_mask, k_aux)
+        aux = _auxk_term(self, out.aux_values, out.aux_indices, y, out.recon, dead_mask, k_aux)
         terms = {"mse": mse, "auxk": coeffs["aux_coeff"] * aux}
         terms.update(self._extra_terms(x, y, out))
         return LossOutput(loss=sum(terms.values()), terms=terms, output=out)

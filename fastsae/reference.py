@@ -246,6 +246,7 @@ def sparse_encoder_backward(
     W_enc: Tensor,
     *,
     need_grad_x: bool = False,
+    bf16_operands: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """Encoder gradients from a sparse gradient of the pre-activations.
 
@@ -261,10 +262,14 @@ def sparse_encoder_backward(
         indices: ``[B, k']`` int latent ids (main and AuxK latents together; duplicates allowed).
         grad_pre: ``[B, k']`` gradient of the loss with respect to ``pre[b, indices[b, j]]``.
         W_enc: ``[d_in, d_sae]``.
+        bf16_operands: a hint that the forward ran under bf16 autocast: a backend may then read
+            the operands in bf16 (accumulating in fp32). The oracle ignores it.
 
     Returns:
-        ``(grad_W_enc [d_in, d_sae], grad_b_enc [d_sae], grad_x [B, d_in] or None)``.
+        ``(grad_W_enc [d_in, d_sae], grad_b_enc [d_sae], grad_x [B, d_in] or None)``, in the
+        inputs' dtype.
     """
+    del bf16_operands  # the oracle computes in the inputs' precision
     G = sparse_to_dense(grad_pre, indices, W_enc.shape[1])
     grad_x = G @ W_enc.T if need_grad_x else None
     return x.T @ G, G.sum(0), grad_x

@@ -3,6 +3,7 @@
     python -m profiling.profile_step                      # TopK d_in=768 d_sae=16384 k=32 B=4096
     python -m profiling.profile_step --d-sae 2048 --batch 1024 --steps 3
     python -m profiling.profile_step --source demo        # the embedded model's activations
+    python -m profiling.profile_step --autocast fp32 --threads 2   # the fp32 step (issue 12)
     nsys profile -t cuda,nvtx python -m profiling.profile_step --no-torch-profiler
 
 Runs ``--warmup`` untimed steps, then ``--steps`` steps of the real ``Trainer.step`` under
@@ -168,6 +169,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=4096, help="tokens per step")
     p.add_argument("--buffer-tokens", type=int, default=None, help="default: 4 x --batch")
     p.add_argument("--backend", default="auto", help="fastsae.ops backend")
+    p.add_argument(
+        "--autocast",
+        default="auto",
+        choices=("auto", "fp32", "none", "bf16"),
+        help="TrainConfig.autocast (auto: what a run on this device gets; fp32 for the fp32 step)",
+    )
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads first")
     p.add_argument("--device", default="auto")
     p.add_argument(
         "--source",
@@ -194,6 +202,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     from fastsae.train import TrainConfig, Trainer
     from fastsae.train.trainer import resolve_device
 
@@ -213,6 +223,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         buffer_tokens=args.buffer_tokens,
         total_tokens=10**12,
         backend=args.backend,
+        autocast=args.autocast,
         device=device,
         warmup_steps=0,
         progress=False,
@@ -248,7 +259,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         shuffler.close()
     print(
         f"{args.steps} steps of {args.architecture} d_in={d_in} d_sae={args.d_sae} k={k} "
-        f"B={args.batch} on {device}, backend {args.backend}, {torch.get_num_threads()} threads"
+        f"B={args.batch} on {device}, backend {args.backend}, {torch.get_num_threads()} threads, "
+        f"precision {trainer.precision.autocast} ({trainer.precision.reason})"
     )
     print(_table(collector, args.steps, wall))
     result: dict[str, Any] = {"wall_s": wall, "totals": collector.totals()}

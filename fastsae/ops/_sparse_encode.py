@@ -56,6 +56,12 @@ class _SparseEncode(torch.autograd.Function):
             # decoders' (fastsae/ops/_csr.py); `_apply` registers the ids it is keyed by.
             ctx.layout = SharedCSR(indices, aux_indices, W_enc.shape[1])
             shared.append(ctx.layout)
+        dev = x.device.type
+        ctx.bf16_operands = (
+            x.dtype == torch.float32
+            and torch.is_autocast_enabled(dev)
+            and torch.get_autocast_dtype(dev) == torch.bfloat16
+        )
         return values, indices, aux_values, aux_indices
 
     @staticmethod
@@ -77,6 +83,7 @@ class _SparseEncode(torch.autograd.Function):
             W_enc,
             need_grad_x=ctx.needs_input_grad[0],
             **layout,
+            bf16_operands=ctx.bf16_operands,
         )
         grad_b_dec = None
         if ctx.has_b_dec and ctx.needs_input_grad[3]:

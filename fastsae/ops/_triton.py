@@ -51,12 +51,15 @@ def sparse_encoder_backward(
     *,
     need_grad_x: bool = False,
     csr: CSR | None = None,
+    bf16_operands: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """:func:`fastsae.kernels.sparse_encoder_bwd.sparse_encoder_backward` (``csr``: the layout
     of ``indices`` when the caller has it).
 
     Returns ``(grad_W_enc [d_in, d_sae], grad_b_enc [d_sae], grad_x [B, d_in] or None)``.
+    ``bf16_operands`` is ignored: the kernel reads the operands in their own dtype.
     """
+    del bf16_operands
     return _sparse_encoder_backward(x, indices, grad_pre, W_enc, need_grad_x=need_grad_x, csr=csr)
 
 

@@ -157,6 +157,7 @@ def _run_with_data(cfg, data, device, resume_path, stop_after_steps, log, checke
         model_name=data.model_name,
     )
     trainer.scaled_sae.cfg.metadata["fastsae_data"] = data.record()
+    log(f"precision: {trainer.precision.autocast} ({trainer.precision.reason})")
     if resume_path is not None:
         data_state = load_checkpoint(trainer, resume_path)
         data.load_state_dict(data_state)

@@ -34,6 +34,7 @@ from fastsae import reference as ref
 from fastsae.config import TOPK_FAMILY, SAEConfig
 from fastsae.sae import SAE
 from fastsae.train.config import TrainConfig
+from fastsae.train.precision import resolve_precision
 
 __all__ = ["NonFiniteLossError", "Trainer", "geometric_median", "resolve_device"]
 
@@ -106,6 +107,8 @@ class Trainer:
             raise ValueError(f"d_in={cfg.d_in} does not match the activations' width {d_in}")
         d_out = d_out or cfg.d_out or d_in
         self.device = resolve_device(cfg.device)
+        #: the resolved ``cfg.autocast`` ("bf16" or "none") and why (fastsae/train/precision.py)
+        self.precision = resolve_precision(cfg, self.device, d_in)
         k = cfg.k if cfg.architecture in TOPK_FAMILY else None
         if cfg.architecture == "topk":
             k = int(k)
@@ -125,6 +128,7 @@ class Trainer:
             model_name=model_name,
         )
         self.scaled_sae: SAE = self._build_sae(sae_cfg)
+        self.scaled_sae.cfg.metadata["precision"] = self.precision._asdict()
         self.optimizer_in_backward = bool(cfg.optimizer_in_backward)
         if cfg.optimizer_in_backward is None:
             from fastsae.train.memory import available_bytes, estimate
@@ -378,7 +382,7 @@ class Trainer:
         return contextlib.nullcontext() if strategy == "auto" else ops.use_encode_strategy(strategy)
 
     def _autocast(self):
-        if self.cfg.autocast == "bf16":
+        if self.precision.autocast == "bf16":
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
@@ -413,9 +417,10 @@ class Trainer:
         A pure function of ``(x, in_scale, dtype)``: a group of SAEs on one hook shares it
         (:mod:`fastsae.train.group`)."""
         dtype = self.scaled_sae.dtype
-        x = (x.to(self.device, torch.float64) * self.in_scale.item()).to(dtype)
+        # copy=True: the in-place scale never writes into the caller's float64 tensor
+        x = x.to(self.device, torch.float64, copy=True).mul_(self.in_scale.item()).to(dtype)
         if y is not None:
-            y = (y.to(self.device, torch.float64) * self.out_scale.item()).to(dtype)
+            y = y.to(self.device, torch.float64, copy=True).mul_(self.out_scale.item()).to(dtype)
         return x, y
 
     def step_normalized(self, x: Tensor, y: Tensor | None = None) -> dict[str, float]:

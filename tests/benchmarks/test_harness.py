@@ -78,3 +78,21 @@ def test_measure_call_reports_growth():
     if result is None:
         return  # no /proc/self/clear_refs here
     assert result.kind in ("rss", "cuda") and result.peak >= result.delta >= 0
+
+
+def test_run_suite_measures_only_the_chosen_providers_and_the_baseline(monkeypatch):
+    from benchmarks import run
+
+    monkeypatch.setattr(run, "cases", lambda suite, only, override: [("toy", _case)])
+    monkeypatch.setattr(
+        run, "measure_ceilings", lambda: {"peak_flops": 1e9, "peak_bytes_per_s": 1e9}
+    )
+    _, rows = run.run_suite("smoke", repeats=1, echo=lambda _: None, providers=["fastsae-torch"])
+    assert sorted(r["provider"] for r in rows) == ["fastsae-torch", "floor"]
+    _, rows = run.run_suite("smoke", repeats=1, echo=lambda _: None)
+    assert sorted(r["provider"] for r in rows) == [
+        "fastsae-bad",
+        "fastsae-torch",
+        "fastsae-triton",
+        "floor",
+    ]

@@ -42,6 +42,8 @@ def small_cfg(**kw) -> TrainConfig:
         dead_tokens=128 * 3,
         warmup_steps=2,
         backend="torch",
+        # Bit-identity, resume and oracle tests need fp32 whatever "auto" picks on this machine.
+        autocast="fp32",
         progress=False,
     )
     base.update(kw)
