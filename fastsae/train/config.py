@@ -97,9 +97,11 @@ class TrainConfig:
     """L1 coefficient (relu, gated). None: adapted toward target_l0 (see sparsity_adapt_rate)."""
     l0_coeff: float | None = None
     """L0 coefficient (jumprelu). None: adapted toward target_l0 (see sparsity_adapt_rate)."""
-    sparsity_adapt_rate: float = 0.03
-    """Gain of the L1/L0 coefficient controller: after each step, coeff *= (L0 / target_l0) **
-    rate (L0 of that batch), so the coefficient rises while L0 is above target and falls below."""
+    sparsity_adapt_rate: float | None = None
+    """Gain of the L1/L0 coefficient controller: after each step, coeff *= ((L0 + 1) /
+    (target_l0 + 1)) ** rate (L0 of that batch), so the coefficient rises while L0 is above
+    target and falls below. None: max(0.03, 20 / total_steps), a time constant of at most 5
+    percent of the run (as the BatchTopK threshold's EMA)."""
     sparsity_warmup_steps: int = 0
     """Linear warm-up of the L1/L0 coefficient from 0."""
     topk_threshold_lr: float = 0.01
@@ -296,7 +298,7 @@ class TrainConfig:
                 self.k = int(self.target_l0) if self.architecture == "topk" else self.target_l0
                 if self.architecture == "topk" and self.k < 1:
                     raise ValueError(f"target_l0={self.target_l0} must be >= 1 for topk")
-        if not 0 <= self.sparsity_adapt_rate <= 1:
+        if self.sparsity_adapt_rate is not None and not 0 <= self.sparsity_adapt_rate <= 1:
             raise ValueError(f"sparsity_adapt_rate={self.sparsity_adapt_rate} must be in [0, 1]")
 
     # -- derived -----------------------------------------------------------------------------------
@@ -315,6 +317,13 @@ class TrainConfig:
         if self.target_l0 is not None:
             return float(self.target_l0)
         return float(self.k) if self.k is not None else 32.0
+
+    @property
+    def sparsity_rate(self) -> float:
+        """sparsity_adapt_rate, or the default tied to the run's length (see the field)."""
+        if self.sparsity_adapt_rate is not None:
+            return self.sparsity_adapt_rate
+        return min(1.0, max(0.03, 20.0 / self.total_steps))
 
     @property
     def warmup(self) -> int:

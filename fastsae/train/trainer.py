@@ -215,11 +215,15 @@ class Trainer:
         return max(cfg.topk_threshold_lr, 20.0 / cfg.total_steps, 1.0 / (self.step_count + 1))
 
     def _lr_scale(self, p: Tensor) -> float:
-        """JumpReLU thresholds are O(1) while W_enc entries are O(1/sqrt(d_in)); Adam moves both
-        by ~lr per step, so the thresholds get lr * sqrt(d_in) to keep pace with the encoder (at
-        lr they lagged and 60% of latents died in 300 steps on the embedded model)."""
+        """Gated's ``r_mag`` is a log-scale: Adam moves it by ~lr per step, a relative change of
+        lr in the magnitudes, while the shared W_enc entries (O(1/sqrt(d_in))) change by
+        ~lr * sqrt(d_in) relative per step. At lr, r_mag could not follow W_enc as the gate's L1
+        shrank it, and the magnitudes shrank with it (held-out FVU rose as the coefficient rose);
+        it gets lr * sqrt(d_in). Every other parameter, the JumpReLU threshold included, gets lr
+        (at lr * sqrt(d_in) the thresholds outran the controller and L0 fell to a quarter of the
+        target on the embedded model)."""
         sae = self.scaled_sae
-        if getattr(sae, "threshold", None) is p:
+        if getattr(sae, "r_mag", None) is p:
             return math.sqrt(sae.d_in)
         return 1.0
 
@@ -290,7 +294,39 @@ class Trainer:
             self._init_firing_rate(xs)
         if cfg.init_encoder_scale is None and y is x and sae.W_skip is None:
             self._init_encoder_scale(xs[:4096])
+        if self.adaptive_sparsity:
+            ys = (target if y is not x else x * self.in_scale.to(x.device)).to(sae.dtype)
+            start = self._balanced_sparsity_coeff(xs[:4096], ys[:4096])
+            if start is not None:
+                self.sparsity_coeff.fill_(start)
         self.initialized = True
+
+    def _gate_parameter(self) -> Tensor:
+        """The ``[d_sae]`` parameter that sets whether each latent fires: the JumpReLU threshold,
+        the Gated gate bias, the ReLU encoder bias."""
+        sae = self.scaled_sae
+        if self.cfg.architecture == "jumprelu":
+            return sae.threshold
+        return sae.b_gate if self.cfg.architecture == "gated" else sae.b_enc
+
+    def _balanced_sparsity_coeff(self, x: Tensor, y: Tensor) -> float | None:
+        """The L1/L0 coefficient at which the sparsity penalty's gradient on the latents' gates
+        cancels the reconstruction's, summed over latents, on the first batch: the coefficient
+        under which the initial firing rate (the target) is a stationary point on average, so L0
+        neither explodes nor collapses in the first steps while the controller settles. None when
+        the two gradients do not oppose (the table's start is used)."""
+        sae, gate = self.scaled_sae, self._gate_parameter()
+        penalty = "l0" if self.cfg.architecture == "jumprelu" else "l1"
+        coeffs = {"l0_coeff": 1.0} if penalty == "l0" else {"l1_coeff": 1.0}
+        with torch.enable_grad(), ops.use_backend(self.cfg.backend):
+            terms = sae.loss(x, y, **coeffs).terms
+            rec = sum(v for k, v in terms.items() if k != penalty)
+            (g_rec,) = torch.autograd.grad(rec, [gate], retain_graph=True)
+            (g_pen,) = torch.autograd.grad(terms[penalty], [gate])
+        num, den = float(g_rec.double().sum()), float(g_pen.double().sum())
+        if not (num * den < 0 and math.isfinite(num / den)):
+            return None
+        return -num / den
 
     @torch.no_grad()
     def _init_encoder_scale(self, x: Tensor) -> None:
@@ -499,7 +535,7 @@ class Trainer:
             # Multiplicative feedback: the coefficient moves by (L0 / target) ** rate per step, a
             # step of rate * log(L0 / target) in log space; (L0 + 1) keeps an all-zero batch finite.
             ratio = (l0 + 1.0) / (cfg.l0_target + 1.0)
-            self.sparsity_coeff.mul_(ratio**cfg.sparsity_adapt_rate)
+            self.sparsity_coeff.mul_(ratio**cfg.sparsity_rate)
         self.since_fired += B
         self.since_fired[fired] = 0
         self.fire_counts.index_add_(0, fired.reshape(-1), torch.ones_like(fired.reshape(-1)))
