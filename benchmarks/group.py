@@ -144,24 +144,72 @@ def _with_out(cfg, out_dir: Path, **changes):
     return dataclasses.replace(cfg, out_dir=str(out_dir), **changes)
 
 
-def main(argv: list[str] | None = None) -> None:
-    """``python -m benchmarks.group [--suite full|smoke] [--members 4 16] [--sources live cache]
-    [--repeats R] [--separate-first] [--group-gemm]``: per case, ``R`` rounds of one call of each provider, the
-    order alternating round by round (group, separate; separate, group; ...) so that a load that
-    rises or falls during the case (the machine is shared) biases neither; each call timed with its
-    peak RSS in the same call (no separate memory run: at N=16 one call of the separate runs takes
-    minutes on two loaded cores). The ratio is of the providers' median times. The load average
-    (``os.getloadavg``) before and after each call is recorded beside it. Appended case by case to
-    ``benchmarks/results/sweep-<device>.json`` (``{"runs": [{"environment", "results"}]}``, as
-    :mod:`benchmarks.data_cases` does), so a run cut short keeps what it measured."""
-    import argparse
-    import json
-    import os
+def gemm_steps(members: int = 16, steps: int = 20, B: int = 1024, d: int = 128) -> dict:
+    """The training steps alone, stacked encoder GEMM (``group_gemm``) against one GEMM per member,
+    interleaved step by step so that a changing machine load biases neither: two identical sets of
+    ``members`` trainers (the :data:`GRIDS` widths x k, TopK, torch backend) on the same random
+    batches ``[B, d]``; returns the median seconds per group step of each and their ratio."""
     import statistics
     import time
 
-    from benchmarks.harness import environment
-    from benchmarks.memory import measure_call
+    import torch
+
+    from fastsae import ops
+    from fastsae.train import TrainConfig
+    from fastsae.train.trainer import Trainer
+
+    widths, ks = GRIDS[members]
+
+    def trainers():
+        out = []
+        for i, (n, k) in enumerate(itertools.product(widths, ks)):
+            cfg = TrainConfig(
+                d_sae=n, k=k, total_tokens=B * (steps + 1), batch_size=B, backend="torch", seed=i
+            )
+            out.append(Trainer(cfg, d_in=d))
+        return out
+
+    sets = {"own-gemm": trainers(), "stacked-gemm": trainers()}
+    g = torch.Generator().manual_seed(0)
+    times: dict[str, list[float]] = {name: [] for name in sets}
+    for step in range(steps + 1):
+        x = torch.randn(B, d, generator=g) * 3.0
+        order = list(sets) if step % 2 else list(reversed(sets))
+        for name in order:
+            group = sets[name]
+            start = time.perf_counter()
+            if step == 0:
+                for t in group:
+                    t.initialize(x)
+            xs, _ = group[0].normalize(x)  # one scale for all: the same x initialised them
+            with ops.use_backend("torch"):
+                if name == "stacked-gemm":
+                    saes = [t.scaled_sae for t in group]
+                    encoders = [(s.W_enc, s.b_enc, s._encoder_input(xs)) for s in saes]
+                    with ops.shared_encoder_gemm(xs, encoders):
+                        for t in group:
+                            t.step_normalized(xs)
+                else:
+                    for t in group:
+                        t.step_normalized(xs)
+            if step:  # step 0 initialises
+                times[name].append(time.perf_counter() - start)
+    med = {name: statistics.median(v) for name, v in times.items()}
+    return {
+        "case": "sweep_group_gemm_steps",
+        "shapes": {"members": members, "B": B, "d": d, "steps": steps},
+        "notes": (
+            f"{members} TopK trainers (d_sae x k = {widths} x {ks}), training steps only, "
+            "stacked encoder GEMM vs one GEMM each, interleaved step by step"
+        ),
+        "seconds_per_group_step": med,
+        "time_ratio_stacked_vs_own": med["stacked-gemm"] / med["own-gemm"],
+    }
+
+
+def parse_args(argv: list[str] | None = None):
+    """The command line of :func:`main`."""
+    import argparse
 
     parser = argparse.ArgumentParser(prog="python -m benchmarks.group", description=__doc__)
     parser.add_argument("--suite", choices=("smoke", "full"), default="full")
@@ -180,14 +228,51 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--separate-first", action="store_true", help="the first round runs the separate runs first"
     )
+    parser.add_argument(
+        "--gemm-steps",
+        action="store_true",
+        help="instead of the end-to-end cases: training steps with and without group_gemm, "
+        "interleaved step by step (see gemm_steps)",
+    )
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error(f"--repeats={args.repeats} must be >= 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m benchmarks.group [--suite full|smoke] [--members 4 16] [--sources live cache]
+    [--repeats R] [--separate-first] [--group-gemm] [--gemm-steps]``: per case, ``R`` rounds of
+    one call of each provider, the order alternating round by round (group, separate; separate,
+    group; ...) so that a load that
+    rises or falls during the case (the machine is shared) biases neither; each call timed with its
+    peak RSS in the same call (no separate memory run: at N=16 one call of the separate runs takes
+    minutes on two loaded cores). The ratio is of the providers' median times. The load average
+    (``os.getloadavg``) before and after each call is recorded beside it. Appended case by case to
+    ``benchmarks/results/sweep-<device>.json`` (``{"runs": [{"environment", "results"}]}``, as
+    :mod:`benchmarks.data_cases` does), so a run cut short keeps what it measured."""
+    import json
+    import os
+    import statistics
+    import time
+
+    from benchmarks.harness import environment
+    from benchmarks.memory import measure_call
+
+    args = parse_args(argv)
     env = environment()
     out = Path(__file__).parent / "results" / f"sweep-{env['device'].replace('/', '_')}.json"
     runs = json.loads(out.read_text())["runs"] if out.exists() else []
     run = {"environment": env, "results": []}
     runs.append(run)
+    if args.gemm_steps:
+        for members in args.members or SIZES[args.suite]["members"]:
+            row = gemm_steps(members, steps=20 if args.suite == "full" else 4)
+            row["load_average"] = list(os.getloadavg())
+            run["results"].append(row)
+            out.write_text(json.dumps({"runs": runs}, indent=1) + "\n")
+            print(json.dumps(row))
+        return
     B = 4096 if args.suite == "full" else 256
     for members in args.members or SIZES[args.suite]["members"]:
         for source in args.sources:

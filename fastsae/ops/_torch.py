@@ -387,7 +387,9 @@ def shared_encoder_gemm(
     with torch.no_grad():
         bias = torch.cat([b if b_dec is None else b - b_dec @ W for W, b, b_dec in encoders])
         pre = torch.addmm(bias, x, torch.cat(Ws, dim=1))
-    blocks = list(pre.split([W.shape[1] for W in Ws], dim=1))
+    # contiguous blocks, laid out as the own GEMM's scores are (not views of row stride sum n_m)
+    blocks = [b.contiguous() for b in pre.split([W.shape[1] for W in Ws], dim=1)]
+    del pre
     table = dict(_SHARED_PRE.get() or {})
     for (W, b, b_dec), block in zip(encoders, blocks, strict=True):
         versions = (W._version, b._version, None if b_dec is None else b_dec._version)
