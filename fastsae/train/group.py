@@ -18,9 +18,12 @@ same batches (``tests/train/test_group.py`` checks every parameter with ``torch.
 - the geometric-median (or mean) ``b_dec`` target of the first batch, once per (hook, scale), and
   the scaled input of each step, once per (hook, scale, dtype): both are pure functions of the
   batch, so sharing them changes no bit;
-- nothing else: each member keeps its own ``Trainer`` (parameters, Adam state, counters) and runs
-  its own kernels. Stacking equal-width encoders into one GEMM would change the reduction
-  blocking of the matmul and so the bits; it is not done.
+- nothing else by default: each member keeps its own ``Trainer`` (parameters, Adam state,
+  counters) and runs its own kernels. ``group_gemm=True`` (opt-in, not bitwise) stacks the
+  encoders of the TopK/BatchTopK members of one scaled input into one GEMM per step
+  (:func:`fastsae.ops.shared_encoder_gemm`): ``x @ W - b_dec @ W`` rounds differently from
+  ``(x - b_dec) @ W``, and the BLAS blocking depends on the total width, so a near-tie in the
+  top-k can flip.
 
 A member whose step raises (a NaN loss, out of memory) is marked ``failed`` in its
 ``status.json``, reported, and dropped; the others go on. A member that reaches its own
