@@ -242,15 +242,17 @@ def parse_args(argv: list[str] | None = None):
 
 def main(argv: list[str] | None = None) -> None:
     """``python -m benchmarks.group [--suite full|smoke] [--members 4 16] [--sources live cache]
-    [--repeats R] [--separate-first] [--group-gemm] [--gemm-steps]``: per case, ``R`` rounds of
-    one call of each provider, the order alternating round by round (group, separate; separate,
-    group; ...) so that a load that
-    rises or falls during the case (the machine is shared) biases neither; each call timed with its
-    peak RSS in the same call (no separate memory run: at N=16 one call of the separate runs takes
-    minutes on two loaded cores). The ratio is of the providers' median times. The load average
-    (``os.getloadavg``) before and after each call is recorded beside it. Appended case by case to
-    ``benchmarks/results/sweep-<device>.json`` (``{"runs": [{"environment", "results"}]}``, as
-    :mod:`benchmarks.data_cases` does), so a run cut short keeps what it measured."""
+        [--repeats R] [--separate-first] [--group-gemm] [--gemm-steps]``: per case, ``R`` rounds of
+        one call of each provider, the order alternating round by round (group, separate; separate,
+        group; ...) so that a load that
+        rises or falls during the case (the machine is shared) biases neither; each call timed with its
+        peak RSS in the same call (no separate memory run: at N=16 one call of the separate runs takes
+        minutes on two loaded cores). The ratio is of the providers' median times; the CPU time of the
+    process (``time.process_time``, all threads) is recorded too, and its ratio, which other jobs on
+    a shared machine disturb far less. The load average
+        (``os.getloadavg``) before and after each call is recorded beside it. Appended case by case to
+        ``benchmarks/results/sweep-<device>.json`` (``{"runs": [{"environment", "results"}]}``, as
+        :mod:`benchmarks.data_cases` does), so a run cut short keeps what it measured."""
     import json
     import os
     import statistics
@@ -287,12 +289,15 @@ def main(argv: list[str] | None = None) -> None:
                 for _ in range(args.repeats):
                     for name, fn in order:
                         load = os.getloadavg()[0]
-                        start = time.perf_counter()
+                        start, cpu = time.perf_counter(), time.process_time()
                         memory = measure_call(fn)
                         row["calls"].append(
                             {
                                 "provider": name,
                                 "seconds": time.perf_counter() - start,
+                                # every thread of this process: far less sensitive than wall
+                                # time to other jobs on the machine (not to cache contention)
+                                "cpu_seconds": time.process_time() - cpu,
                                 "peak_rss_mb": memory.peak / 2**20 if memory else None,
                                 "peak_delta_mb": memory.delta / 2**20 if memory else None,
                                 "load_before": load,
@@ -306,12 +311,16 @@ def main(argv: list[str] | None = None) -> None:
                 calls = [c for c in row["calls"] if c["provider"] == name]
                 row[name] = {
                     "seconds": statistics.median(c["seconds"] for c in calls),
+                    "cpu_seconds": statistics.median(c["cpu_seconds"] for c in calls),
                     "min_seconds": min(c["seconds"] for c in calls),
                     "peak_rss_mb": max((c["peak_rss_mb"] or 0) for c in calls) or None,
                     "peak_delta_mb": max((c["peak_delta_mb"] or 0) for c in calls) or None,
                 }
             row["time_ratio_group_vs_separate"] = (
                 row["group-one-pass"]["seconds"] / row["separate-runs"]["seconds"]
+            )
+            row["cpu_time_ratio_group_vs_separate"] = (
+                row["group-one-pass"]["cpu_seconds"] / row["separate-runs"]["cpu_seconds"]
             )
             row["min_time_ratio_group_vs_separate"] = (
                 row["group-one-pass"]["min_seconds"] / row["separate-runs"]["min_seconds"]
