@@ -2,13 +2,14 @@
 
 Builds a static page, ``<out>/index.html``, with PNG plots (matplotlib, Agg backend) from every
 result line (default: ``benchmarks/results/*.jsonl``). It opens from disk with no server and no
-network. For each device and each case measured in its newest run:
+network. For each device and each case (name and shapes) measured in any run, from the newest
+run that measured that case (runs often measure a subset: ``--cases``, a data-only suite):
 
 - *history*: every provider's time relative to the case's baseline, run after run (one point per
   run, labelled with the commit);
 - *newest run*: each provider's time relative to the fastest fastsae provider (the competitors
   appear here) and its memory footprint (kept state + transient peak);
-- a table of the newest run: median, spread, ratio, roofline fraction, throughput, memory, and
+- a table of that run's rows: median, spread, ratio, roofline fraction, throughput, memory, and
   the reason for every skipped or failed provider.
 """
 
@@ -198,6 +199,17 @@ def summary_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def latest_rows(runs: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Every case's rows from the newest of ``runs`` (oldest first) that measured it, cases in
+    the order they first appear: a run that measured only some cases hides none of the others."""
+    latest: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for run in runs:
+        for key in dict.fromkeys(_group_key(r) for r in run):
+            latest[key] = [r for r in run if _group_key(r) == key]
+    order = list(dict.fromkeys(_group_key(r) for run in runs for r in run))
+    return [r for key in order for r in latest[key]]
+
+
 def anchor(device: str, key: tuple[str, str]) -> str:
     """The id of a case's section, also the stem of its PNG files."""
     return f"{slug(device)}-{slug(key[0])}-{slug(shapes_label(json.loads(key[1])))}"
@@ -358,6 +370,7 @@ def build(rows: list[dict[str, Any]], out: Path, quality_dir: Path | None = None
     for device, runs in sorted(devices.items()):
         newest = runs[-1]
         env = newest[0]
+        latest = latest_rows(runs)
         ceilings = env.get("ceilings") or {}
         parts.append(f"<h2>{html.escape(device)}</h2>")
         parts.append(
@@ -368,18 +381,20 @@ def build(rows: list[dict[str, Any]], out: Path, quality_dir: Path | None = None
             f" GFLOP/s, {_fmt(ceilings.get('peak_bytes_per_s') and ceilings['peak_bytes_per_s'] / 1e9, '.1f')}"
             f" GB/s; versions {html.escape(json.dumps(env.get('versions', {})))}</p>"
         )
-        parts.append("<h3>Summary of the newest run</h3>")
-        parts.append(_summary_table(device, newest))
+        parts.append("<h3>Summary: each case's newest result</h3>")
+        parts.append(_summary_table(device, latest))
         parts.append("<h3>Runs</h3>")
         parts.append(_runs_table(runs))
-        keys = list(dict.fromkeys(_group_key(r) for r in newest))
+        keys = list(dict.fromkeys(_group_key(r) for r in latest))
         for key in keys:
-            case_rows = [r for r in newest if _group_key(r) == key]
+            case_rows = [r for r in latest if _group_key(r) == key]
             base = anchor(device, key)
             parts.append(
                 f"<h3 id='{base}'>{html.escape(key[0])} "
                 f"<small>{html.escape(shapes_label(json.loads(key[1])))}, "
-                f"{html.escape(case_rows[0].get('mode', ''))}</small></h3>"
+                f"{html.escape(case_rows[0].get('mode', ''))}, run "
+                f"{html.escape(run_id(case_rows))} ({html.escape(_commit_label(case_rows[0]))})"
+                "</small></h3>"
             )
             parts.append("<div class='plots'>")
             for kind, plot in (("newest", plot_newest), ("history", None)):

@@ -68,9 +68,12 @@ def _write_cache(path: Path, size: dict) -> None:
     write_cache(path, opened.source, seqs, tokens=2 * size["tokens"], shard_tokens=1 << 14)
 
 
-def group_vs_separate(B: int, d: int, n: int, k: int, members: int = 4, cached: int = 0) -> Case:
+def group_vs_separate(
+    B: int, d: int, n: int, k: int, members: int = 4, cached: int = 0, gemm: bool = False
+) -> Case:
     """One case: ``members`` SAEs, as a group and as separate runs (B, d, n, k are the suite's
-    sizes; only B picks smoke or full here)."""
+    sizes; only B picks smoke or full here). ``gemm``: a third provider, the group with
+    ``group_gemm`` (the members' encoders stacked into one GEMM; not bit-identical)."""
     suite = "full" if B >= 4096 else "smoke"
     size = SIZES[suite]
     name = "sweep_group_cache" if cached else "sweep_group_live"
@@ -95,9 +98,11 @@ def group_vs_separate(B: int, d: int, n: int, k: int, members: int = 4, cached: 
         path = work / f"{kind}-{next(counter)}"
         return path
 
-    def group() -> None:
+    def group(stacked: bool = False) -> None:
         root = out("group")
-        group_members = [type(m)(m.name, _with_out(m.cfg, root)) for m in configs]
+        group_members = [
+            type(m)(m.name, _with_out(m.cfg, root, group_gemm=stacked)) for m in configs
+        ]
         result = run_group(group_members, log=quiet)
         shutil.rmtree(root, ignore_errors=True)
         if any(r["status"] != "done" for r in result["members"]):
@@ -114,7 +119,11 @@ def group_vs_separate(B: int, d: int, n: int, k: int, members: int = 4, cached: 
         name=name,
         mode="step",
         shapes={"members": members, "tokens": size["tokens"], "B": size["B"], "d": 128},
-        providers={"group-one-pass": group, "separate-runs": separate},
+        providers={
+            "group-one-pass": group,
+            "separate-runs": separate,
+            **({"group-gemm": lambda: group(stacked=True)} if gemm else {}),
+        },
         baseline="separate-runs",
         items=steps * size["B"] * members,
         items_unit="member-tokens",
@@ -129,24 +138,78 @@ def group_vs_separate(B: int, d: int, n: int, k: int, members: int = 4, cached: 
     )
 
 
-def _with_out(cfg, out_dir: Path):
+def _with_out(cfg, out_dir: Path, **changes):
     import dataclasses
 
-    return dataclasses.replace(cfg, out_dir=str(out_dir))
+    return dataclasses.replace(cfg, out_dir=str(out_dir), **changes)
 
 
-def main(argv: list[str] | None = None) -> None:
-    """``python -m benchmarks.group [--suite full|smoke] [--members 4 16] [--sources live cache]``:
-    one call of each provider, timed and with its peak RSS in the same call (no separate memory
-    run: at N=16 one call of the separate runs takes minutes on two loaded cores), appended case by
-    case to ``benchmarks/results/sweep-<device>.json`` (``{"runs": [{"environment", "results"}]}``,
-    as :mod:`benchmarks.data_cases` does), so a run cut short keeps what it measured."""
-    import argparse
-    import json
+def gemm_steps(members: int = 16, steps: int = 20, B: int = 1024, d: int = 128) -> dict:
+    """The training steps alone, stacked encoder GEMM (``group_gemm``) against one GEMM per member,
+    interleaved step by step so that a changing machine load biases neither: two identical sets of
+    ``members`` trainers (the :data:`GRIDS` widths x k, TopK, torch backend) on the same random
+    batches ``[B, d]``; returns the median seconds per group step of each and their ratio."""
+    import statistics
     import time
 
-    from benchmarks.harness import environment
-    from benchmarks.memory import measure_call
+    import torch
+
+    from fastsae import ops
+    from fastsae.train import TrainConfig
+    from fastsae.train.trainer import Trainer
+
+    widths, ks = GRIDS[members]
+
+    def trainers():
+        out = []
+        for i, (n, k) in enumerate(itertools.product(widths, ks)):
+            cfg = TrainConfig(
+                d_sae=n, k=k, total_tokens=B * (steps + 1), batch_size=B, backend="torch", seed=i
+            )
+            out.append(Trainer(cfg, d_in=d))
+        return out
+
+    sets = {"own-gemm": trainers(), "stacked-gemm": trainers()}
+    g = torch.Generator().manual_seed(0)
+    times: dict[str, list[float]] = {name: [] for name in sets}
+    for step in range(steps + 1):
+        x = torch.randn(B, d, generator=g) * 3.0
+        order = list(sets) if step % 2 else list(reversed(sets))
+        for name in order:
+            group = sets[name]
+            start = time.perf_counter()
+            if step == 0:
+                for t in group:
+                    t.initialize(x)
+            xs, _ = group[0].normalize(x)  # one scale for all: the same x initialised them
+            with ops.use_backend("torch"):
+                if name == "stacked-gemm":
+                    saes = [t.scaled_sae for t in group]
+                    encoders = [(s.W_enc, s.b_enc, s._encoder_input(xs)) for s in saes]
+                    with ops.shared_encoder_gemm(xs, encoders):
+                        for t in group:
+                            t.step_normalized(xs)
+                else:
+                    for t in group:
+                        t.step_normalized(xs)
+            if step:  # step 0 initialises
+                times[name].append(time.perf_counter() - start)
+    med = {name: statistics.median(v) for name, v in times.items()}
+    return {
+        "case": "sweep_group_gemm_steps",
+        "shapes": {"members": members, "B": B, "d": d, "steps": steps},
+        "notes": (
+            f"{members} TopK trainers (d_sae x k = {widths} x {ks}), training steps only, "
+            "stacked encoder GEMM vs one GEMM each, interleaved step by step"
+        ),
+        "seconds_per_group_step": med,
+        "time_ratio_stacked_vs_own": med["stacked-gemm"] / med["own-gemm"],
+    }
+
+
+def parse_args(argv: list[str] | None = None):
+    """The command line of :func:`main`."""
+    import argparse
 
     parser = argparse.ArgumentParser(prog="python -m benchmarks.group", description=__doc__)
     parser.add_argument("--suite", choices=("smoke", "full"), default="full")
@@ -154,36 +217,125 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--sources", nargs="+", choices=("live", "cache"), default=["live", "cache"]
     )
+    parser.add_argument(
+        "--repeats", type=int, default=2, help="rounds per case, the order alternating (default 2)"
+    )
+    parser.add_argument(
+        "--group-gemm",
+        action="store_true",
+        help="also time the group with group_gemm (stacked encoders, one GEMM; not bitwise)",
+    )
+    parser.add_argument(
+        "--separate-first", action="store_true", help="the first round runs the separate runs first"
+    )
+    parser.add_argument(
+        "--gemm-steps",
+        action="store_true",
+        help="instead of the end-to-end cases: training steps with and without group_gemm, "
+        "interleaved step by step (see gemm_steps)",
+    )
     args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error(f"--repeats={args.repeats} must be >= 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m benchmarks.group [--suite full|smoke] [--members 4 16] [--sources live cache]
+        [--repeats R] [--separate-first] [--group-gemm] [--gemm-steps]``: per case, ``R`` rounds of
+        one call of each provider, the order alternating round by round (group, separate; separate,
+        group; ...) so that a load that
+        rises or falls during the case (the machine is shared) biases neither; each call timed with its
+        peak RSS in the same call (no separate memory run: at N=16 one call of the separate runs takes
+        minutes on two loaded cores). The ratio is of the providers' median times; the CPU time of the
+    process (``time.process_time``, all threads) is recorded too, and its ratio, which other jobs on
+    a shared machine disturb far less. The load average
+        (``os.getloadavg``) before and after each call is recorded beside it. Appended case by case to
+        ``benchmarks/results/sweep-<device>.json`` (``{"runs": [{"environment", "results"}]}``, as
+        :mod:`benchmarks.data_cases` does), so a run cut short keeps what it measured."""
+    import json
+    import os
+    import statistics
+    import time
+
+    from benchmarks.harness import environment
+    from benchmarks.memory import measure_call
+
+    args = parse_args(argv)
     env = environment()
     out = Path(__file__).parent / "results" / f"sweep-{env['device'].replace('/', '_')}.json"
     runs = json.loads(out.read_text())["runs"] if out.exists() else []
     run = {"environment": env, "results": []}
     runs.append(run)
-    B = 4096 if args.suite == "full" else 256
-    for members in args.members or SIZES[args.suite]["members"]:
-        for source in args.sources:
-            case = group_vs_separate(B, 0, 0, 0, members=members, cached=int(source == "cache"))
-            row = {"case": case.name, "shapes": case.shapes, "notes": case.notes}
-            row["order"] = "separate-first" if args.separate_first else "group-first"
-            try:
-                order = list(case.providers.items())
-                for name, fn in reversed(order) if args.separate_first else order:
-                    start = time.perf_counter()
-                    memory = measure_call(fn)
-                    row[name] = {
-                        "seconds": time.perf_counter() - start,
-                        "peak_rss_mb": memory.peak / 2**20 if memory else None,
-                        "peak_delta_mb": memory.delta / 2**20 if memory else None,
-                    }
-            finally:
-                case.teardown()
-            row["time_ratio_group_vs_separate"] = (
-                row["group-one-pass"]["seconds"] / row["separate-runs"]["seconds"]
-            )
+    if args.gemm_steps:
+        for members in args.members or SIZES[args.suite]["members"]:
+            row = gemm_steps(members, steps=20 if args.suite == "full" else 4)
+            row["load_average"] = list(os.getloadavg())
             run["results"].append(row)
             out.write_text(json.dumps({"runs": runs}, indent=1) + "\n")
             print(json.dumps(row))
+        return
+    B = 4096 if args.suite == "full" else 256
+    for members in args.members or SIZES[args.suite]["members"]:
+        for source in args.sources:
+            case = group_vs_separate(
+                B, 0, 0, 0, members=members, cached=int(source == "cache"), gemm=args.group_gemm
+            )
+            row = {"case": case.name, "shapes": case.shapes, "notes": case.notes, "calls": []}
+            try:
+                order = list(case.providers.items())
+                if args.separate_first:
+                    order.reverse()
+                for _ in range(args.repeats):
+                    for name, fn in order:
+                        load = os.getloadavg()[0]
+                        start, cpu = time.perf_counter(), time.process_time()
+                        memory = measure_call(fn)
+                        row["calls"].append(
+                            {
+                                "provider": name,
+                                "seconds": time.perf_counter() - start,
+                                # every thread of this process: far less sensitive than wall
+                                # time to other jobs on the machine (not to cache contention)
+                                "cpu_seconds": time.process_time() - cpu,
+                                "peak_rss_mb": memory.peak / 2**20 if memory else None,
+                                "peak_delta_mb": memory.delta / 2**20 if memory else None,
+                                "load_before": load,
+                                "load_after": os.getloadavg()[0],
+                            }
+                        )
+                    order.reverse()
+            finally:
+                case.teardown()
+            for name in case.providers:
+                calls = [c for c in row["calls"] if c["provider"] == name]
+                row[name] = {
+                    "seconds": statistics.median(c["seconds"] for c in calls),
+                    "cpu_seconds": statistics.median(c["cpu_seconds"] for c in calls),
+                    "min_seconds": min(c["seconds"] for c in calls),
+                    "peak_rss_mb": max((c["peak_rss_mb"] or 0) for c in calls) or None,
+                    "peak_delta_mb": max((c["peak_delta_mb"] or 0) for c in calls) or None,
+                }
+            row["time_ratio_group_vs_separate"] = (
+                row["group-one-pass"]["seconds"] / row["separate-runs"]["seconds"]
+            )
+            row["cpu_time_ratio_group_vs_separate"] = (
+                row["group-one-pass"]["cpu_seconds"] / row["separate-runs"]["cpu_seconds"]
+            )
+            row["min_time_ratio_group_vs_separate"] = (
+                row["group-one-pass"]["min_seconds"] / row["separate-runs"]["min_seconds"]
+            )
+            if "group-gemm" in row:
+                row["time_ratio_gemm_vs_group"] = (
+                    row["group-gemm"]["seconds"] / row["group-one-pass"]["seconds"]
+                )
+            row["load_average_range"] = [
+                min(min(c["load_before"], c["load_after"]) for c in row["calls"]),
+                max(max(c["load_before"], c["load_after"]) for c in row["calls"]),
+            ]
+            run["results"].append(row)
+            out.write_text(json.dumps({"runs": runs}, indent=1) + "\n")
+            print(json.dumps({k: v for k, v in row.items() if k not in ("calls", "notes")}))
 
 
 if __name__ == "__main__":

@@ -289,3 +289,13 @@ def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor)
     Differentiable in ``values``, ``W_dec`` and ``b_dec``.
     """
     return _call("sparse_decode", values, indices, W_dec, b_dec)
+
+
+def shared_encoder_gemm(x: Tensor, encoders: list[tuple[Tensor, Tensor, Tensor | None]]):
+    """Context manager: one GEMM ``[B, d_in] x [d_in, sum n_m]`` for several encoders reading the
+    same ``x``, whose blocks the torch backend's TopK / BatchTopK selection then reads instead of
+    its own GEMM (:func:`fastsae.ops._torch.shared_encoder_gemm`; other backends ignore it). Not
+    bit-identical to separate GEMMs; yields the blocks ``[B, n_m]``."""
+    from fastsae.ops._torch import shared_encoder_gemm as impl
+
+    return impl(x, encoders)

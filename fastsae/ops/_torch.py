@@ -32,7 +32,10 @@ Ops not defined here fall back to :mod:`fastsae.ops._reference`.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import warnings
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +49,7 @@ __all__ = [
     "encode_jumprelu",
     "encode_topk",
     "select_topk",
+    "shared_encoder_gemm",
     "sparse_decode",
     "sparse_encoder_backward",
     "topk_tie_exact",
@@ -397,6 +401,68 @@ def _rescore_candidates(x_in, W_enc, b_enc, tops, idxs, m, k, universe=None):
     return top, idx, unsafe
 
 
+# W_enc.data_ptr() -> (pre block [B, n], W_enc, b_enc, b_dec, their versions at the GEMM)
+_SHARED_PRE: contextvars.ContextVar[dict[int, tuple] | None] = contextvars.ContextVar(
+    "fastsae_shared_pre", default=None
+)
+
+
+@contextlib.contextmanager
+def shared_encoder_gemm(
+    x: Tensor, encoders: list[tuple[Tensor, Tensor, Tensor | None]]
+) -> Iterator[list[Tensor]]:
+    """One GEMM for several encoders that read the same input ``x [B, d_in]``.
+
+    ``encoders``: ``(W_enc [d_in, n_m], b_enc [n_m], b_dec [d_in] or None)`` per SAE. Computes
+    ``pre = x @ cat(W_enc) + cat(b_enc - b_dec @ W_enc)`` (``[B, sum n_m]``, one ``addmm``) and
+    yields its per-encoder column blocks. Inside the block, :func:`select_topk` (TopK and
+    BatchTopK selection of the torch backend) given ``x_in = x - b_dec_m`` and ``W_enc_m`` reads
+    block ``m`` instead of running its own GEMM, as long as ``W_enc_m``, ``b_enc_m`` and
+    ``b_dec_m`` are unchanged since (their version counters are checked; an optimizer step on one
+    SAE sends only that one back to its own GEMM).
+
+    Not bit-identical to the separate GEMMs: ``x @ W - b_dec @ W`` rounds differently from
+    ``(x - b_dec) @ W`` (and BLAS blocking depends on the total width); the scores differ by a
+    few ulps, which can flip a near-tie in the selection. Costs ``B * sum n_m`` floats at once.
+    Select only on this batch inside the block (the blocks are matched to ``W_enc``, not to
+    ``x``; a batch of another size falls back to the own GEMM).
+    """
+    Ws = [W for W, _, _ in encoders]
+    with torch.no_grad():
+        bias = torch.cat([b if b_dec is None else b - b_dec @ W for W, b, b_dec in encoders])
+        pre = torch.addmm(bias, x, torch.cat(Ws, dim=1))
+    # contiguous blocks, laid out as the own GEMM's scores are (not views of row stride sum n_m)
+    blocks = [b.contiguous() for b in pre.split([W.shape[1] for W in Ws], dim=1)]
+    del pre
+    table = dict(_SHARED_PRE.get() or {})
+    for (W, b, b_dec), block in zip(encoders, blocks, strict=True):
+        versions = (W._version, b._version, None if b_dec is None else b_dec._version)
+        table[W.data_ptr()] = (block, W, b, b_dec, versions)
+    token = _SHARED_PRE.set(table)
+    try:
+        yield blocks
+    finally:
+        _SHARED_PRE.reset(token)
+
+
+def _shared_pre(x_in: Tensor, W_enc: Tensor, b_enc: Tensor) -> Tensor | None:
+    """The block of :func:`shared_encoder_gemm` for ``W_enc``, if it is still valid for these
+    operands (same shapes, unchanged parameters, as many rows)."""
+    table = _SHARED_PRE.get()
+    if not table or W_enc.data_ptr() not in table:
+        return None
+    block, W, b, b_dec, versions = table[W_enc.data_ptr()]
+    now = (W._version, b._version, None if b_dec is None else b_dec._version)
+    if (
+        now != versions
+        or W_enc.shape != W.shape
+        or b_enc.data_ptr() != b.data_ptr()
+        or block.shape[0] != x_in.shape[0]
+    ):
+        return None
+    return block
+
+
 def _select_topk_exact(
     x_in: Tensor,
     W_enc: Tensor,
@@ -433,10 +499,16 @@ def _select_topk_exact(
     k_aux = min(k_aux, int(dead_mask.sum())) if want_aux else 0
     if slab is None:
         slab = max(k, k_aux, SLAB_ELEMENTS // max(B, 1))
+    shared = _shared_pre(x_in, W_enc, b_enc)
     tops, idxs, aux_tops, aux_idxs = [], [], [], []
     for start in range(0, n, slab):
         stop = min(start + slab, n)
-        scores = torch.addmm(b_enc[start:stop], x_in, W_enc[:, start:stop])
+        if shared is not None:
+            scores = shared[:, start:stop]
+            if threshold is not None or k_aux:
+                scores = scores.clone()  # masked in place below
+        else:
+            scores = torch.addmm(b_enc[start:stop], x_in, W_enc[:, start:stop])
         if threshold is not None:
             scores.masked_fill_(scores <= threshold[start:stop], float("-inf"))
         top, idx = topk_tie_exact(scores, min(k, stop - start))

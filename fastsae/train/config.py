@@ -192,6 +192,13 @@ class TrainConfig:
     latent_parallel: int = 0
     """Ranks per latent group for parallel=dp,latent; 0: the largest divisor of the world size
     that is <= its square root."""
+    group_gemm: bool = False
+    """Sweeps only (a group of SAEs on one stream): the TopK/BatchTopK members of one hook and
+    input scale compute their pre-activations in one stacked GEMM per step instead of one each
+    (torch backend, no autocast, no skip connection). Off (the default), every member is
+    bit-identical to its solo run; on, the scores differ from a solo run's by rounding, which can
+    flip near-ties in the selection, so members are close to but not bit-identical with solo
+    runs. See docs/training.md "Sweeps"."""
 
     def __post_init__(self) -> None:
         if self.architecture not in ARCHITECTURES:

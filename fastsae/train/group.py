@@ -15,12 +15,15 @@ same batches (``tests/train/test_group.py`` checks every parameter with ``torch.
 - the batches: one :class:`~fastsae.train.data.TrainData` over the union of the members' hooks;
   the data order follows the group's seed (``data_seed``, the base config's ``seed``), a member's
   own ``seed`` drives only its initialisation (``Trainer`` seeds a private generator with it);
-- the data-dependent initialisation (input scale, geometric-median ``b_dec``) and the scaled input
-  of each step, once per (hook, scale, dtype): both are pure functions of the batch, so sharing
-  them changes no bit;
-- nothing else: each member keeps its own ``Trainer`` (parameters, Adam state, counters) and runs
-  its own kernels. Stacking equal-width encoders into one GEMM would change the reduction
-  blocking of the matmul and so the bits; it is not done.
+- the geometric-median (or mean) ``b_dec`` target of the first batch, once per (hook, scale), and
+  the scaled input of each step, once per (hook, scale, dtype): both are pure functions of the
+  batch, so sharing them changes no bit;
+- nothing else by default: each member keeps its own ``Trainer`` (parameters, Adam state,
+  counters) and runs its own kernels. ``group_gemm=True`` (opt-in, not bitwise) stacks the
+  encoders of the TopK/BatchTopK members of one scaled input into one GEMM per step
+  (:func:`fastsae.ops.shared_encoder_gemm`): ``x @ W - b_dec @ W`` rounds differently from
+  ``(x - b_dec) @ W``, and the BLAS blocking depends on the total width, so a near-tie in the
+  top-k can flip.
 
 A member whose step raises (a NaN loss, out of memory) is marked ``failed`` in its
 ``status.json``, reported, and dropped; the others go on. A member that reaches its own
@@ -44,6 +47,7 @@ from typing import Any
 
 import torch
 
+from fastsae import ops
 from fastsae.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from fastsae.train.config import TrainConfig
 from fastsae.train.memory import available_bytes, estimate, estimate_group
@@ -289,8 +293,11 @@ def _run(slots, data, device, out_dir: Path, resume, stop_after_steps, log) -> d
 
 def _step_all(running: list[_Slot], batch: dict[str, torch.Tensor], log) -> None:
     """One step of every running member on ``batch``; the scaled inputs are computed once per
-    (hook, scale, dtype) and shared."""
+    (hook, scale, dtype) and shared. With ``group_gemm``, the eligible members of one scaled
+    input (:func:`_gemm_eligible`) get their pre-activations from one stacked GEMM."""
     scaled: dict[tuple, tuple] = {}
+    keys: dict[str, tuple] = {}
+    init_memo: dict[tuple, dict] = {}  # (hook, hook_out) -> the b_dec targets of the first batch
     for s in running:
         t = s.trainer
         if t.step_count >= s.cfg.total_steps:
@@ -300,7 +307,8 @@ def _step_all(running: list[_Slot], batch: dict[str, torch.Tensor], log) -> None
         if not t.initialized:
             # Each member initialises itself: the data-dependent init (scales, b_dec, the
             # encoder's least-squares scale, JumpReLU thresholds) depends on its own weights.
-            t.initialize(x, y)
+            memo = init_memo.setdefault((s.cfg.hook, s.cfg.hook_out), {})
+            t.initialize(x, y, memo=memo)
         key = (
             s.cfg.hook,
             s.cfg.hook_out,
@@ -310,12 +318,39 @@ def _step_all(running: list[_Slot], batch: dict[str, torch.Tensor], log) -> None
         )
         if key not in scaled:
             scaled[key] = t.normalize(x, y)
-        metrics = _guard(s, lambda t=t, key=key: t.step_normalized(*scaled[key]), log)
-        if metrics is None:
-            continue
-        if t.step_count % s.cfg.log_every == 0 or t.step_count == s.cfg.total_steps:
-            s.metrics_file.write(json.dumps(metrics) + "\n")
-            s.metrics_file.flush()
+        keys[s.name] = key
+    gemms = {}
+    if running and running[0].cfg.group_gemm:
+        for key in scaled:
+            members = [s for s in running if keys.get(s.name) == key and _gemm_eligible(s)]
+            if len(members) > 1:
+                gemms[key] = [s.trainer.scaled_sae for s in members]
+    with contextlib.ExitStack() as stack:
+        for key, saes in gemms.items():
+            encoders = [(sae.W_enc, sae.b_enc, sae._encoder_input(scaled[key][0])) for sae in saes]
+            stack.enter_context(ops.shared_encoder_gemm(scaled[key][0], encoders))
+        for s in running:
+            if s.name not in keys or s.status != "running":
+                continue
+            t, key = s.trainer, keys[s.name]
+            metrics = _guard(s, lambda t=t, key=key: t.step_normalized(*scaled[key]), log)
+            if metrics is None:
+                continue
+            if t.step_count % s.cfg.log_every == 0 or t.step_count == s.cfg.total_steps:
+                s.metrics_file.write(json.dumps(metrics) + "\n")
+                s.metrics_file.flush()
+
+
+def _gemm_eligible(s: _Slot) -> bool:
+    """A member whose selection the stacked GEMM can serve: TopK or BatchTopK on the torch
+    backend, fp32/fp64 without autocast, no skip connection, an SAE (not a transcoder)."""
+    cfg, sae = s.cfg, s.trainer.scaled_sae
+    if cfg.architecture not in ("topk", "batchtopk") or cfg.autocast != "none":
+        return False
+    if sae.W_skip is not None or cfg.hook_out:
+        return False
+    with ops.use_backend(cfg.backend):
+        return ops.get_backend() == "torch"
 
 
 def _guard(s: _Slot, fn, log):

@@ -131,7 +131,7 @@ def _plot(path: Path, rows: list[dict[str, Any]]) -> None:
         ax.set_xscale("log")
         ax.xaxis.set_major_formatter(ScalarFormatter())
         ax.xaxis.set_minor_formatter(NullFormatter())
-        ax.set_xticks(sorted({float(r["l0"]) for r in have}) or [1.0])
+        ax.set_xticks(_spread_ticks(float(r["l0"]) for r in have) or [1.0])
         ax.set_xlabel("L0 (active latents per token)")
         ax.set_title(label)
         ax.grid(alpha=0.3)
@@ -142,3 +142,16 @@ def _plot(path: Path, rows: list[dict[str, Any]]) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def _spread_ticks(values, min_ratio: float = 1.1) -> list[float]:
+    """The distinct L0 values, ascending, without one within ``min_ratio`` of the previous tick
+    (BatchTopK's 15.85 beside TopK's 16 printed over each other on the log axis); of two such
+    values a whole number (a TopK k) is kept."""
+    ticks: list[float] = []
+    for v in sorted(set(values)):
+        if not ticks or v >= ticks[-1] * min_ratio:
+            ticks.append(v)
+        elif float(v).is_integer() and not float(ticks[-1]).is_integer():
+            ticks[-1] = v
+    return ticks

@@ -57,6 +57,7 @@ SHARED_FIELDS = (
     "out_dir",
     "progress",
     "wandb",
+    "group_gemm",
 )
 
 #: Named sweeps (``--sweep NAME``). ``default``: eight TopK/BatchTopK SAEs on the embedded model,
@@ -71,10 +72,12 @@ SWEEP_PRESETS: dict[str, dict[str, Any]] = {
             "eval_tokens": 4096,
             "log_every": 10,
         },
-        "grid": {"d_sae": [512, 2048], "k": [8, 16, 32]},
+        # d_sae 256 and 1024 (8x the model's d 128 at most): at 150k tokens a 2048-wide SAE was
+        # still worse than a 512-wide one at every k (2026-12-02), and costs twice a 1024 one
+        "grid": {"d_sae": [256, 1024], "k": [8, 16, 32]},
         "members": [
-            {"architecture": "batchtopk", "d_sae": 2048, "k": 16, "name": "batchtopk-2048-k16"},
-            {"architecture": "batchtopk", "d_sae": 2048, "k": 32, "name": "batchtopk-2048-k32"},
+            {"architecture": "batchtopk", "d_sae": 1024, "k": 16, "name": "batchtopk-1024-k16"},
+            {"architecture": "batchtopk", "d_sae": 1024, "k": 32, "name": "batchtopk-1024-k32"},
         ],
     },
 }

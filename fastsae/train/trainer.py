@@ -268,8 +268,13 @@ class Trainer:
     # -- initialisation ------------------------------------------------------------------------
 
     @torch.no_grad()
-    def initialize(self, x: Tensor, y: Tensor | None = None) -> None:
+    def initialize(self, x: Tensor, y: Tensor | None = None, *, memo: dict | None = None) -> None:
         """Data-dependent initialisation from a sample: input-norm scales and ``b_dec``.
+
+        ``memo``: a dict shared by trainers initialised on the same ``(x, y)`` (a group of SAEs,
+        :mod:`fastsae.train.group`): the ``b_dec`` target (the geometric median: 100 Weiszfeld
+        iterations over ``[4096, d_out]`` in float64) is a pure function of ``(y, out_scale)`` and
+        is computed once per key; the result is bit-identical to computing it here.
 
         Raises:
             ValueError: the sample is empty, holds NaN or infinite values, or has a (near-)zero
@@ -285,10 +290,16 @@ class Trainer:
             # SAELens's expected_average_only_in: E||x|| = sqrt(d) after scaling.
             self.in_scale, self.out_scale = (torch.tensor(s) for s in scales)
         target = y * self.out_scale.to(y.device)
-        if cfg.init_b_dec == "geometric_median":
-            sae.b_dec.copy_(geometric_median(target[:4096]).to(sae.dtype))
-        elif cfg.init_b_dec == "mean":
-            sae.b_dec.copy_(target.mean(0).to(sae.dtype))
+        if cfg.init_b_dec in ("geometric_median", "mean"):
+            memo = {} if memo is None else memo
+            key = (cfg.init_b_dec, float(self.out_scale), tuple(target.shape))
+            if key not in memo:
+                memo[key] = (
+                    geometric_median(target[:4096])
+                    if cfg.init_b_dec == "geometric_median"
+                    else target.mean(0)
+                )
+            sae.b_dec.copy_(memo[key].to(sae.dtype))
         xs = (x * self.in_scale.to(x.device)).to(sae.dtype)
         if cfg.architecture not in TOPK_FAMILY:
             self._init_firing_rate(xs)

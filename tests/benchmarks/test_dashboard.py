@@ -69,6 +69,31 @@ def test_empty_results_and_stale_plots(tmp_path):
     assert not list(tmp_path.glob("*.png"))
 
 
+def test_every_case_keeps_its_newest_result_when_a_later_run_measured_others(tmp_path):
+    """A run that measured only some cases (``--cases``) must not hide the others: each case is
+    drawn from the newest run that measured it, and its PNGs survive the rebuild."""
+    rows = run({"fastsae-torch": 1.0, "floor": 0.5}, "r1", "2026-01-01T00:00:00Z", case="old_case")
+    rows += run({"fastsae-torch": 2.0, "floor": 0.5}, "r1", "2026-01-01T00:00:00Z", case="both")
+    rows += run({"fastsae-torch": 3.0, "floor": 0.5}, "r2", "2026-01-02T00:00:00Z", case="both")
+    rows += run({"fastsae-torch": 4.0, "floor": 0.5}, "r2", "2026-01-02T00:00:00Z", case="new")
+    page = dashboard.build(rows, tmp_path)
+    html = page.read_text()
+    for case in ("old_case", "both", "new"):
+        drawn = sorted(p.name for p in tmp_path.glob(f"*-{case.replace('_', '-')}-*.png"))
+        assert len(drawn) == 2, (case, drawn)  # newest result and history
+        assert all(f"src='{name}'" in html for name in drawn)
+    assert html.count("<table") == 2 + 3  # summary, runs, one per case
+    latest = dashboard.latest_rows(next(iter(dashboard.runs_by_device(rows).values())))
+    assert {(r["case"], r["run_id"], r["median_s"]) for r in latest} == {
+        ("old_case", "r1", 1.0),
+        ("old_case", "r1", 0.5),
+        ("both", "r2", 3.0),
+        ("both", "r2", 0.5),
+        ("new", "r2", 4.0),
+        ("new", "r2", 0.5),
+    }
+
+
 def test_summary_rows_pick_the_fastest_fastsae_provider():
     rows = run({"fastsae-torch": 2.0, "fastsae-triton": 1.0, "sparsify": 3.0}, "r", "t")
     (summary,) = dashboard.summary_rows(rows)

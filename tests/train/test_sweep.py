@@ -90,3 +90,10 @@ def test_default_sweep_preset_is_valid():
     spec = load_sweep("default")
     members = expand(TrainConfig(**spec.base), spec.grid, spec.members)
     assert len(members) == len(SWEEP_PRESETS["default"]["members"]) + 6
+
+
+def test_pareto_ticks_skip_near_duplicates_and_keep_whole_numbers():
+    from fastsae.train.pareto import _spread_ticks
+
+    assert _spread_ticks([8, 15.85, 16, 31.6, 32, 32]) == [8, 16, 32]
+    assert _spread_ticks([8, 23.64, 38.47]) == [8, 23.64, 38.47]
