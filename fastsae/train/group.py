@@ -343,9 +343,9 @@ def _step_all(running: list[_Slot], batch: dict[str, torch.Tensor], log) -> None
 
 def _gemm_eligible(s: _Slot) -> bool:
     """A member whose selection the stacked GEMM can serve: TopK or BatchTopK on the torch
-    backend, fp32/fp64 without autocast, no skip connection, an SAE (not a transcoder)."""
+    backend, fp32/fp64 without autocast (as resolved: "auto" may pick bf16), no skip connection, an SAE (not a transcoder)."""
     cfg, sae = s.cfg, s.trainer.scaled_sae
-    if cfg.architecture not in ("topk", "batchtopk") or cfg.autocast != "none":
+    if cfg.architecture not in ("topk", "batchtopk") or s.trainer.precision.autocast != "none":
         return False
     if sae.W_skip is not None or cfg.hook_out:
         return False
