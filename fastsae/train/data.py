@@ -209,10 +209,19 @@ class TrainData:
     # -- evaluation --------------------------------------------------------------------------------
 
     def eval_batches(self) -> Iterator[tuple[Tensor, Tensor | None]]:
+        """Held-out ``(x [n, d_in], y [n, d_out] or None)`` chunks at ``cfg.hook`` / ``hook_out``."""
+        cfg = self.cfg
+        for chunk in self.eval_columns():
+            yield chunk[cfg.hook], chunk[cfg.hook_out] if cfg.hook_out else None
+
+    def eval_columns(self) -> Iterator[dict[str, Tensor]]:
+        """Held-out chunks ``{hook: [n, d_hook]}`` (float32) for every hook in :attr:`hooks`:
+        one cache read, or one model pass per chunk, serves every hook (a sweep evaluates all its
+        members from one pass). About ``eval_tokens`` rows in all."""
         cfg = self.cfg
         if cfg.cache_dir is not None:
             for chunk in self.cache.chunks(self.hooks, start=0, stop=self._eval_stop):
-                yield chunk[cfg.hook].float(), chunk[cfg.hook_out].float() if cfg.hook_out else None
+                yield {h: chunk[h].float() for h in self.hooks}
             return
         from fastsae.data import text
 
@@ -220,9 +229,8 @@ class TrainData:
         for tokens in text.token_batches(self._eval_seqs, cfg.model_batch_size):
             with self.model_lock:
                 acts = self.source.activations(tokens)
-            x = acts[cfg.hook].float()
-            yield x, acts[cfg.hook_out].float() if cfg.hook_out else None
-            seen += x.shape[0]
+            yield {h: acts[h].float() for h in self.hooks}
+            seen += acts[self.hooks[0]].shape[0]
             if seen >= cfg.eval_tokens:
                 return
 

@@ -18,6 +18,10 @@ same batches (``tests/train/test_group.py`` checks every parameter with ``torch.
 - the geometric-median (or mean) ``b_dec`` target of the first batch, once per (hook, scale), and
   the scaled input of each step, once per (hook, scale, dtype): both are pure functions of the
   batch, so sharing them changes no bit;
+- the evaluations: members due at the same step are evaluated together
+  (:func:`fastsae.evaluate.evaluate_many`): one read (or model pass) of the held-out activations,
+  one clean and one zero-ablated model pass per hook for the CE/KL scores, then one spliced pass per
+  member. The numbers are each member's own (same sums, same order as alone);
 - nothing else by default: each member keeps its own ``Trainer`` (parameters, Adam state,
   counters) and runs its own kernels. ``group_gemm=True`` (opt-in, not bitwise) stacks the
   encoders of the TopK/BatchTopK members of one scaled input into one GEMM per step
@@ -253,14 +257,22 @@ def _run(slots, data, device, out_dir: Path, resume, stop_after_steps, log) -> d
                 _step_all(running, batch, log)
                 step += 1
                 tokens += base.batch_size
-                for s in running:
-                    if s.status == "running" and s.cfg.eval_every and step % s.cfg.eval_every == 0:
-                        ev = _guard(s, lambda s=s: _evaluate(s, data), log)
-                        if ev is not None:
-                            s.metrics_file.write(json.dumps({"step": step, "eval": ev}) + "\n")
-                for s in running:
-                    if s.status == "running" and s.trainer.step_count >= s.cfg.total_steps:
-                        _guard(s, lambda s=s: _finish(s, data), log)
+                due = [
+                    s
+                    for s in running
+                    if s.status == "running" and s.cfg.eval_every and step % s.cfg.eval_every == 0
+                ]
+                for s, ev in _evaluate_all(due, data, log):
+                    s.metrics_file.write(json.dumps({"step": step, "eval": ev}) + "\n")
+                _finish_all(
+                    [
+                        s
+                        for s in running
+                        if s.status == "running" and s.trainer.step_count >= s.cfg.total_steps
+                    ],
+                    data,
+                    log,
+                )
                 running = [s for s in running if s.status == "running"]
                 if bar is not None:
                     bar.update(1)
@@ -426,13 +438,52 @@ def _evaluate(s: _Slot, data) -> dict[str, Any]:
         return evaluate(s.trainer, _member_data(s, data))
 
 
-def _finish(s: _Slot, data) -> None:
-    """What a single run does at its end: checkpoint, SAE, final evaluation, plots."""
-    from fastsae.train.run import _plots
+def _evaluate_all(slots: list[_Slot], data, log) -> list[tuple[_Slot, dict[str, Any]]]:
+    """Evaluate ``slots`` together (:func:`fastsae.evaluate.evaluate_many`: one read of the
+    held-out activations, one clean and one zero-ablated model pass per hook, one spliced pass per
+    member), each with the numbers it would get alone. If that raises, each member is evaluated
+    on its own, so that one member's failure marks only that member failed."""
+    if not slots:
+        return []
+    from fastsae.evaluate import EvalTarget
+    from fastsae.train.run import evaluate_targets
 
+    try:
+        targets = [
+            EvalTarget(s.trainer.inference_sae(), s.cfg.hook, s.cfg.hook_out, s.cfg.backend)
+            for s in slots
+        ]
+        return list(zip(slots, evaluate_targets(targets, data), strict=True))
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except Exception:
+        pass
+    done = []
+    for s in slots:
+        ev = _guard(s, lambda s=s: _evaluate(s, data), log)
+        if ev is not None:
+            done.append((s, ev))
+    return done
+
+
+def _finish_all(slots: list[_Slot], data, log) -> None:
+    """What a single run does at its end, for every member of ``slots`` (those reaching their
+    ``total_tokens`` at this step): checkpoint, SAE, final evaluation (together), plots."""
+    for s in slots:
+        _guard(s, lambda s=s: _save_final(s, data), log)
+    for s, final in _evaluate_all([s for s in slots if s.status == "running"], data, log):
+        _guard(s, lambda s=s, final=final: _write_final(s, final), log)
+
+
+def _save_final(s: _Slot, data) -> None:
     save_checkpoint(s.trainer, s.dir, data_state=data.state_dict())
     s.trainer.save_sae(s.dir / "sae")
-    s.final = _evaluate(s, data)
+
+
+def _write_final(s: _Slot, final: dict[str, Any]) -> None:
+    from fastsae.train.run import _plots
+
+    s.final = final
     (s.dir / "final_metrics.json").write_text(json.dumps(s.final, indent=2))
     s.close()
     _plots(s.dir, s.trainer)

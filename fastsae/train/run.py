@@ -279,56 +279,69 @@ def _maybe_wandb(cfg: TrainConfig, log):
 
 
 def _evaluate(trainer: Trainer, data) -> dict[str, Any]:
-    from fastsae.evaluate import model_scores, reconstruction_metrics
+    from fastsae.evaluate import EvalTarget
 
-    sae = trainer.inference_sae()
+    cfg = trainer.cfg
+    return evaluate_targets([EvalTarget(trainer.inference_sae(), cfg.hook, cfg.hook_out)], data)[0]
+
+
+def evaluate_targets(targets, data) -> list[dict[str, Any]]:
+    """:func:`fastsae.evaluate.evaluate_many` of ``targets`` on ``data``'s held-out split (CE/KL
+    scores where the model is a TransformerLens one). ``eval_seconds``: the wall time of this
+    evaluation, shared by all targets."""
+    from fastsae.evaluate import evaluate_many
+
     start = time.perf_counter()
     # The shuffler's fill thread runs the same model: it waits while the evaluation holds it.
     with data.using_model():
-        metrics = reconstruction_metrics(sae, data.eval_batches())
-        if data.model is not None and data.is_transformer_lens:
-            metrics.update(
-                model_scores(
-                    sae,
-                    data.model,
-                    data.eval_tokens(),
-                    trainer.cfg.hook,
-                    hook_out=trainer.cfg.hook_out,
-                )
-            )
-    metrics["eval_seconds"] = time.perf_counter() - start
-    return metrics
+        scored = data.model is not None and data.is_transformer_lens
+        results = evaluate_many(
+            targets,
+            data.eval_columns(),
+            model=data.model if scored else None,
+            tokens=data.eval_tokens() if scored else None,
+        )
+    seconds = time.perf_counter() - start
+    for metrics in results:
+        metrics["eval_seconds"] = seconds
+    return results
 
 
 def _plots(out_dir: Path, trainer: Trainer) -> None:
-    """Loss curves and the feature-density histogram, as PNGs."""
-    import matplotlib
+    """Loss curves and the feature-density histogram, as PNGs.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    Drawn with matplotlib's object API (no pyplot state, so it is safe beside other threads) and a
+    fixed layout with plain tick labels: ``tight_layout`` and log-axis mathtext labels cost more
+    than the rest of a short run's bookkeeping, and a sweep draws these for every member."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
+    plain = FuncFormatter(lambda v, _: f"{v:.3g}")
     rows = [
         json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines() if line
     ]
     rows = [r for r in rows if "loss" in r]
     if rows:
-        fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+        fig = Figure(figsize=(13, 3.6))
+        axes = fig.subplots(1, 3)
+        fig.subplots_adjust(left=0.06, right=0.99, bottom=0.15, top=0.9, wspace=0.25)
         steps = [r["step"] for r in rows]
         for ax, key, label in zip(axes, ("loss", "fvu", "l0"), ("loss", "FVU", "L0"), strict=True):
             ax.plot(steps, [r[key] for r in rows])
             ax.set_xlabel("step")
             ax.set_title(label)
-            if key in ("loss", "fvu"):
+            if key in ("loss", "fvu") and min(r[key] for r in rows) > 0:
                 ax.set_yscale("log")
-        fig.tight_layout()
+                ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+                ax.yaxis.set_major_formatter(plain)
+                ax.yaxis.set_minor_formatter(NullFormatter())
         fig.savefig(out_dir / "training_curves.png", dpi=90)
-        plt.close(fig)
     density = trainer.feature_density()
-    fig, ax = plt.subplots(figsize=(6, 3.6))
+    fig = Figure(figsize=(6, 3.6))
+    ax = fig.subplots()
+    fig.subplots_adjust(left=0.13, right=0.97, bottom=0.15, top=0.9)
     ax.hist(torch.log10(density + 1e-10).numpy(), bins=60)
     ax.set_xlabel("log10 firing density")
     ax.set_ylabel("latents")
     ax.set_title(f"feature density ({int((density == 0).sum())} never fired)")
-    fig.tight_layout()
     fig.savefig(out_dir / "feature_density.png", dpi=90)
-    plt.close(fig)

@@ -71,6 +71,12 @@ def test_every_member_is_bit_identical_to_its_solo_run(group_run):
         assert main([*SMALL, *flags, "--out-dir", str(solo)]) == 0
         # weights, buffers, Adam moments and step counts, firing counters, input scales
         _assert_equal_states(_state(out / "members" / name), _state(solo))
+        # the group evaluates its members together (shared clean / zero-ablated passes): each
+        # member's numbers are still exactly its solo run's
+        grouped = json.loads((out / "members" / name / "final_metrics.json").read_text())
+        alone = json.loads((solo / "final_metrics.json").read_text())
+        grouped.pop("eval_seconds"), alone.pop("eval_seconds")
+        assert grouped == alone
 
 
 def test_group_writes_member_runs_summary_and_pareto(group_run):
