@@ -336,6 +336,12 @@ def sweep_group_cache(B: int, d: int, n: int, k: int, members: int = 2) -> Case:
     return group.group_vs_separate(B, d, n, k, members=members, cached=1)
 
 
+def sweep_group_pretrained(B: int, d: int, n: int, k: int, members: int = 2) -> Case:
+    """The same on the pretrained all-MiniLM-L6-v2 run live, where the model's forward pass
+    dominates (see :mod:`benchmarks.group`)."""
+    return group.group_vs_separate(B, d, n, k, members=members, pretrained=1)
+
+
 def sparse_backward_shared_csr(B: int, d: int, n: int, k: int) -> Case:
     """The sparse backward of one TopK step with AuxK active (``k_aux = d / 2``, the default):
     decoder and AuxK decoder (forward + backward) and the encoder backward, with the step's
@@ -447,6 +453,7 @@ REGISTRY: dict[str, Builder] = {
     "dashboard_generation": dashboard_generation,
     "sweep_group_live": sweep_group_live,
     "sweep_group_cache": sweep_group_cache,
+    "sweep_group_pretrained": sweep_group_pretrained,
 }
 
 

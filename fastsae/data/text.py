@@ -191,15 +191,21 @@ def token_sequences(
     if bos_token_id is None:
         bos_token_id = getattr(tokenizer, "cls_token_id", None)
 
+    # Documents are longer than the model's context on purpose (they are chunked below): an HF
+    # tokenizer's "longer than the specified maximum sequence length" warning would mislead.
+    options: dict[str, Any] = {"add_special_tokens": False}
+    if hasattr(tokenizer, "model_max_length"):
+        options["verbose"] = False
+
     def documents() -> Iterator[list[int]]:
         batch: list[str] = []
         for row in _chain(first, iterator):
             batch.append(_text_column(row, text_column))
             if len(batch) == tokenize_batch:
-                yield from tokenizer(batch, add_special_tokens=False)["input_ids"]
+                yield from tokenizer(batch, **options)["input_ids"]
                 batch = []
         if batch:
-            yield from tokenizer(batch, add_special_tokens=False)["input_ids"]
+            yield from tokenizer(batch, **options)["input_ids"]
 
     yield from chunk_token_stream(
         documents(), context_size, bos=bos, bos_token_id=bos_token_id if bos != "none" else None
