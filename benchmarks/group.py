@@ -283,6 +283,14 @@ def parse_args(argv: list[str] | None = None):
         "--separate-first", action="store_true", help="the first round runs the separate runs first"
     )
     parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch.set_num_threads first (default: torch's). On a machine shared with other jobs, "
+        "1 keeps each call off the others' cores: a 2-thread OpenMP team on 2 busy cores waits at "
+        "every barrier, which slows whichever provider happens to overlap a busy moment",
+    )
+    parser.add_argument(
         "--gemm-steps",
         action="store_true",
         help="instead of the end-to-end cases: training steps with and without group_gemm, "
@@ -291,12 +299,15 @@ def parse_args(argv: list[str] | None = None):
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error(f"--repeats={args.repeats} must be >= 1")
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads={args.threads} must be >= 1")
     return args
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m benchmarks.group [--suite full|smoke] [--members 4 16] [--sources live cache]
-        [--repeats R] [--separate-first] [--group-gemm] [--gemm-steps]``: per case, ``R`` rounds of
+    """``python -m benchmarks.group [--suite full|smoke] [--members 4 16]
+        [--sources live cache pretrained] [--repeats R] [--threads T] [--separate-first]
+        [--group-gemm] [--gemm-steps]``: per case, ``R`` rounds of
         one call of each provider, the order alternating round by round (group, separate; separate,
         group; ...) so that a load that
         rises or falls during the case (the machine is shared) biases neither; each call timed with its
@@ -316,6 +327,10 @@ def main(argv: list[str] | None = None) -> None:
     from benchmarks.memory import measure_call
 
     args = parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     env = environment()
     out = Path(__file__).parent / "results" / f"sweep-{env['device'].replace('/', '_')}.json"
     runs = json.loads(out.read_text())["runs"] if out.exists() else []

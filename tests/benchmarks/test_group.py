@@ -21,6 +21,15 @@ def test_zero_repeats_are_refused(capsys):
     assert "--repeats=0 must be >= 1" in capsys.readouterr().err
 
 
+def test_threads_and_the_pretrained_source_parse(capsys):
+    args = group.parse_args(["--threads", "1", "--sources", "pretrained"])
+    assert args.threads == 1 and args.sources == ["pretrained"]
+    assert group.parse_args([]).sources == ["live", "cache", "pretrained"]
+    with pytest.raises(SystemExit):
+        group.parse_args(["--threads", "0"])
+    assert "--threads=0 must be >= 1" in capsys.readouterr().err
+
+
 def test_gemm_steps_times_both_sets_on_the_same_steps():
     row = group.gemm_steps(members=2, steps=2, B=32)
     assert set(row["seconds_per_group_step"]) == {"own-gemm", "stacked-gemm"}
