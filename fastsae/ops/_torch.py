@@ -43,6 +43,7 @@ from torch import Tensor
 
 from fastsae.ops._csr import CSR, csr_by_latent, shared_csr_of
 from fastsae.ops._sparse_encode import make_encode_ops
+from fastsae.ops._topk import index_order_ties, order_candidates, topk_tie_exact
 
 __all__ = [
     "encode_batch_topk",
@@ -212,46 +213,6 @@ def sparse_encoder_backward(
 SLAB_ELEMENTS = 2**26
 
 
-def topk_tie_exact(pre: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """``(selected scores, indices)`` under fastsae's tie rule (descending; lower index first
-    among equals). Scores are *not* ReLU'd.
-
-    ``torch.topk`` does not say which of several equal values it keeps, so it is asked for
-    ``k + 1``: where the k-th and (k+1)-th values differ the chosen set is unique, and only rows
-    where they are equal (a tie straddles the cut) are redone with a stable sort. Rows holding
-    equal selected values are then put in index order. Neither costs an extra pass over ``pre``,
-    and neither sorts rows without ties (CPU sorts of short rows cost as much as the ``topk``).
-    """
-    n = pre.shape[-1]
-    top, idx = torch.topk(pre, min(k + 1, n), dim=-1, sorted=True)
-    if k < n:
-        ambiguous = (top[..., k - 1] == top[..., k]) & torch.isfinite(top[..., k - 1])
-        top, idx = top[..., :k], idx[..., :k]
-        if bool(ambiguous.any()):
-            rows = ambiguous.nonzero().squeeze(-1)
-            _, order = torch.sort(pre[rows], dim=-1, descending=True, stable=True)
-            idx[rows] = order[..., :k]
-            top[rows] = pre[rows].gather(-1, idx[rows])
-    return _index_order_ties(top, idx)
-
-
-def _index_order_ties(top: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
-    """Within rows that hold equal finite scores, order equal scores by index."""
-    ties = ((top[..., 1:] == top[..., :-1]) & torch.isfinite(top[..., 1:])).any(-1)
-    if bool(ties.any()):
-        rows = ties.nonzero().squeeze(-1)
-        top[rows], idx[rows] = _order_candidates(top[rows], idx[rows])
-    return top, idx
-
-
-def _order_candidates(top: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
-    """Sort candidates by score descending, lower index first among equal scores."""
-    by_index = torch.argsort(idx, dim=-1)
-    idx, top = idx.gather(-1, by_index), top.gather(-1, by_index)
-    by_value = torch.argsort(top, dim=-1, descending=True, stable=True)
-    return top.gather(-1, by_value), idx.gather(-1, by_value)
-
-
 def select_topk(
     x_in: Tensor,
     W_enc: Tensor,
@@ -397,7 +358,7 @@ def _rescore_candidates(x_in, W_enc, b_enc, tops, idxs, m, k, universe=None):
         seen = (exact - cand16.float()).abs().max(dim=-1).values
         margin = BF16_SAFETY * seen + _BF16_EPS * torch.maximum(kth.abs(), floor.abs())
         unsafe |= kth - margin <= floor + margin
-    top, idx = _index_order_ties(top[:, :k].contiguous(), idx)
+    top, idx = index_order_ties(top[:, :k].contiguous(), idx)
     return top, idx, unsafe
 
 
@@ -497,6 +458,7 @@ def _select_topk_exact(
         raise ValueError(f"k={k} must be in [1, d_sae={n}]")
     want_aux = k_aux > 0 and dead_mask is not None and bool(dead_mask.any())
     k_aux = min(k_aux, int(dead_mask.sum())) if want_aux else 0
+    dead_cols = dead_mask.nonzero().squeeze(-1) if k_aux else None
     if slab is None:
         slab = max(k, k_aux, SLAB_ELEMENTS // max(B, 1))
     shared = _shared_pre(x_in, W_enc, b_enc)
@@ -505,7 +467,7 @@ def _select_topk_exact(
         stop = min(start + slab, n)
         if shared is not None:
             scores = shared[:, start:stop]
-            if threshold is not None or k_aux:
+            if threshold is not None:
                 scores = scores.clone()  # masked in place below
         else:
             scores = torch.addmm(b_enc[start:stop], x_in, W_enc[:, start:stop])
@@ -515,13 +477,14 @@ def _select_topk_exact(
         tops.append(top)
         idxs.append(idx + start)
         if k_aux:
-            live = ~dead_mask[start:stop]
-            n_dead_here = int(stop - start - live.sum())
-            if n_dead_here:
-                scores.masked_fill_(live, float("-inf"))
-                top, idx = topk_tie_exact(scores, min(k_aux, n_dead_here))
+            # Only the dead latents' columns, in latent order (so the tie rule carries over):
+            # a gather of n_dead columns instead of a pass masking the n - n_dead live ones.
+            lo, hi = torch.searchsorted(dead_cols, dead_cols.new_tensor([start, stop])).tolist()
+            if hi > lo:
+                cols = dead_cols[lo:hi]
+                top, idx = topk_tie_exact(scores.index_select(1, cols - start), min(k_aux, hi - lo))
                 aux_tops.append(top)
-                aux_idxs.append(idx + start)
+                aux_idxs.append(cols[idx])
         del scores
     top, idx = _merge(tops, idxs, k)
     if not k_aux:
@@ -543,9 +506,9 @@ def _merge(tops: list[Tensor], idxs: list[Tensor], k: int) -> tuple[Tensor, Tens
         top, idx = top[:, :k].contiguous(), idx[:, :k].contiguous()
         if bool(ambiguous.any()):
             rows = ambiguous.nonzero().squeeze(-1)
-            t, i = _order_candidates(cat_top[rows], cat_idx[rows])
+            t, i = order_candidates(cat_top[rows], cat_idx[rows])
             top[rows], idx[rows] = t[:, :k], i[:, :k]
-    return _index_order_ties(top, idx)
+    return index_order_ties(top, idx)
 
 
 # ------------------------------------------------------------------------------------------------
