@@ -26,14 +26,16 @@ __all__ = ["topk_by_torch", "topk_prefiltered", "topk_tie_exact"]
 #: Blocks per row, in multiples of ``k + 1``, for the prefilter's lower bound. The bound is the
 #: (k+1)-th largest block maximum, so about ``blocks * ln(blocks / (blocks - k - 1))`` scores
 #: pass it: ~1.4 (k + 1) with 2 (k + 1) blocks, ~1.15 (k + 1) with 4 (k + 1), at the price of a
-#: wider ``topk`` over the block maxima. 2 and 4 were within 5% of each other at n = 2048, k = 32.
+#: wider ``topk`` over the block maxima. At n = 2048, k = 32 (B = 1024) 2, 3 and 4 (k + 1) blocks
+#: took 5.8, 6.2 and 6.5 ms.
 PREFILTER_BLOCKS_PER_K = 2
 #: The prefilter is used for ``PREFILTER_MIN_N * (k + 1) <= n < 64 * (k + 1)``. Above, CPU
 #: ``torch.topk`` switches to a heap (``std::partial_sort``), which rejects most scores with one
 #: comparison and matched or beat the prefilter (random normal scores, B=1024, n=4096-16384,
 #: k=32). Below, the fixed per-row costs (the top-(k+1) of the block maxima, the sort of the
-#: survivors) dominate: at n=912, k=64 the prefilter took 9.9 ms against 8.9 ms.
-PREFILTER_MIN_N = 16
+#: survivors) dominate: at k=64 the prefilter took 8.1 ms against 7.6 at n=750, and 7.5 against
+#: 9.1 at n=912 (real pre-activations of dead latents, B=1024).
+PREFILTER_MIN_N = 12
 #: Survivors per row, in multiples of ``k + 1``, above which a row is selected by
 #: :func:`topk_by_torch` instead (rows of many equal scores, e.g. an all-zero input row at
 #: initialisation, would otherwise widen the sort of every row to ``n``).

@@ -106,10 +106,20 @@ def _sum_by_latent(layout: CSR, weights: Tensor, dense: Tensor, n: int, bf16: bo
 def _sampled_row_dots(g: Tensor, W: Tensor, indices: Tensor) -> Tensor:
     """``out[b, j] = <g[b], W[indices[b, j]]>``: a sampled dense-dense product (SDDMM).
 
-    ``sampled_addmm`` needs a pattern without duplicate columns in a row, so each row's indices
-    are sorted and de-duplicated first, and every entry then reads its (shared) result back.
+    On CPU, with at most ``n`` entries per row, the ``[B, k]`` ids are the pattern as they are:
+    the CPU ``sampled_addmm`` computes one dot product per stored entry, whatever the column
+    order and repeats (``tests/ops/test_torch_ops.py`` checks both against the oracle). That took
+    0.30 ms against 1.12 ms at B=1024, d=128, n=2048, k=32 (0.49 against 2.41 at k=64; one
+    thread). Elsewhere (cuSPARSE; or ``k > n``, which the CPU kernel rejects) each row's ids are
+    sorted and de-duplicated first, and every entry then reads its (shared) result back.
     """
     B, k = indices.shape
+    if g.device.type == "cpu" and k <= W.shape[0]:
+        crow = torch.arange(0, B * k + 1, k, device=indices.device)
+        pattern = torch.sparse_csr_tensor(
+            crow, indices.reshape(-1), g.new_zeros(B * k), (B, W.shape[0]), check_invariants=False
+        )
+        return torch.sparse.sampled_addmm(pattern, g, W.T, beta=0.0).values().view(B, k)
     sorted_idx, perm = indices.sort(dim=-1)
     first = torch.ones_like(sorted_idx, dtype=torch.bool)
     first[:, 1:] = sorted_idx[:, 1:] != sorted_idx[:, :-1]
