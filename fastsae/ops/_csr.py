@@ -49,10 +49,13 @@ def csr_by_latent(indices: Tensor, n: int) -> CSR:
     """Group the entries of ``indices`` (``[B, K]`` int64 ids in ``[0, n)``, duplicates allowed)
     by latent. The sort is stable, so the reduction order, and the result, are reproducible."""
     flat = indices.reshape(-1)
-    sorted_ids, entries = torch.sort(flat, stable=True)
+    # int32 keys when they fit: a CPU stable sort of 98k ids took 0.50 ms against 0.84 ms for
+    # int64 (B=1024, k + k_aux = 96, n = 2048, one thread); the entries stay int64.
+    keys = flat.to(torch.int32) if n <= torch.iinfo(torch.int32).max else flat
+    sorted_ids, entries = torch.sort(keys, stable=True)
     # searchsorted rather than bincount + cumsum: bincount sizes its output from max(ids), a
     # device-to-host sync on CUDA in the middle of the backward; searchsorted needs none.
-    bounds = torch.arange(n + 1, device=flat.device, dtype=flat.dtype)
+    bounds = torch.arange(n + 1, device=flat.device, dtype=keys.dtype)
     offsets = torch.searchsorted(sorted_ids, bounds)
     rows = entries // max(indices.shape[1], 1)
     return CSR(offsets, entries, rows)
