@@ -21,7 +21,7 @@ def scores(draw, max_b=6, max_n=300):
     n = draw(st.integers(2, max_n))
     k = draw(st.integers(1, n - 1))
     blocks = draw(st.integers(k + 1, n))
-    dtype = draw(st.sampled_from([torch.float32, torch.float64]))
+    dtype = draw(st.sampled_from([torch.float32, torch.float64, torch.bfloat16, torch.float16]))
     g = torch.Generator().manual_seed(draw(st.integers(0, 2**20)))
     pre = torch.randn(b, n, generator=g, dtype=dtype)
     if draw(st.booleans()):  # heavy ties
