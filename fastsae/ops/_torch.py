@@ -43,7 +43,14 @@ from torch import Tensor
 
 from fastsae.ops._csr import CSR, csr_by_latent, shared_csr_of
 from fastsae.ops._sparse_encode import make_encode_ops
-from fastsae.ops._topk import index_order_ties, order_candidates, topk_tie_exact
+from fastsae.ops._topk import (
+    PREFILTER_BLOCKS_PER_K,
+    PREFILTER_MIN_N,
+    index_order_ties,
+    order_candidates,
+    topk_prefiltered,
+    topk_tie_exact,
+)
 
 __all__ = [
     "encode_batch_topk",
@@ -311,21 +318,21 @@ def _select_topk_bf16(
     if slab is None:
         slab = max(m, m_aux, SLAB_ELEMENTS // max(B, 1))
     x16, W16, b16 = x_in.to(torch.bfloat16), W_enc.to(torch.bfloat16), b_enc.to(torch.bfloat16)
+    dead_cols = dead_mask.nonzero().squeeze(-1) if k_aux else None
     tops, idxs, aux_tops, aux_idxs = [], [], [], []
     for start in range(0, n, slab):
         stop = min(start + slab, n)
         scores = torch.addmm(b16[start:stop], x16, W16[:, start:stop])
-        top, idx = torch.topk(scores, min(m, stop - start), dim=-1, sorted=False)
+        top, idx = _bf16_candidates(scores, m)
         tops.append(top)
         idxs.append(idx + start)
-        if k_aux:
-            live = ~dead_mask[start:stop]
-            n_dead_here = int(stop - start - live.sum())
-            if n_dead_here:
-                scores.masked_fill_(live, float("-inf"))
-                top, idx = torch.topk(scores, min(m_aux, n_dead_here), dim=-1, sorted=False)
+        if k_aux:  # the dead latents' columns only, as in _select_topk_exact
+            lo, hi = torch.searchsorted(dead_cols, dead_cols.new_tensor([start, stop])).tolist()
+            if hi > lo:
+                cols = dead_cols[lo:hi]
+                top, idx = _bf16_candidates(scores.index_select(1, cols - start), m_aux)
                 aux_tops.append(top)
-                aux_idxs.append(idx + start)
+                aux_idxs.append(cols[idx])
         del scores
     top, idx, unsafe = _rescore_candidates(x_in, W_enc, b_enc, tops, idxs, m, k)
     aux_top = aux_idx = None
@@ -347,6 +354,20 @@ def _select_topk_bf16(
     return top, idx, aux_top, aux_idx
 
 
+def _bf16_candidates(scores: Tensor, m: int) -> tuple[Tensor, Tensor]:
+    """``(values, columns)``: some ``min(m, w)`` largest of each row of ``scores [B, w]``, equal
+    scores at the cut in any order (the re-scoring decides). Every column when ``m >= w``; on
+    CPU, where it is faster, :func:`topk_prefiltered` of an fp32 copy (exact: bf16 values are
+    fp32 values): 14 ms against 19 ms for ``torch.topk`` at B=1024, w=2048, m=64."""
+    B, w = scores.shape
+    if m >= w:
+        return scores, torch.arange(w, device=scores.device).expand(B, w)
+    if scores.device.type == "cpu" and PREFILTER_MIN_N * (m + 1) <= w < 64 * (m + 1):
+        top, idx = topk_prefiltered(scores.float(), m, blocks=PREFILTER_BLOCKS_PER_K * (m + 1))
+        return top.to(scores.dtype), idx
+    return torch.topk(scores, m, dim=-1, sorted=False)
+
+
 #: Margin, in multiples of the largest bf16 error observed among a row's candidates.
 BF16_SAFETY = 4.0
 
@@ -354,8 +375,11 @@ BF16_SAFETY = 4.0
 def _rescore_candidates(x_in, W_enc, b_enc, tops, idxs, m, k, universe=None):
     """Top ``k`` by exact fp32 score among each row's ``m`` best bf16 candidates, and the rows
     where that is not provably the exact top ``k`` (see :func:`_select_topk_bf16`)."""
-    cand16, pos = torch.topk(torch.cat(tops, dim=-1), m, dim=-1, sorted=False)
-    cand = torch.cat(idxs, dim=-1).gather(-1, pos)
+    if len(tops) == 1 and tops[0].shape[-1] == m:  # one slab: its candidates are the row's
+        cand16, cand = tops[0], idxs[0].contiguous()
+    else:
+        cand16, pos = torch.topk(torch.cat(tops, dim=-1), m, dim=-1, sorted=False)
+        cand = torch.cat(idxs, dim=-1).gather(-1, pos)
     exact = _sampled_row_dots(x_in.contiguous(), W_enc.T, cand) + b_enc[cand]
     top, where = torch.topk(exact, min(k + 1, m), dim=-1, sorted=True)
     idx = cand.gather(-1, where[:, :k])
