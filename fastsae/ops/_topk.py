@@ -115,6 +115,10 @@ def topk_prefiltered(pre: Tensor, k: int, *, blocks: int) -> tuple[Tensor, Tenso
     # NaN (a NaN score, which topk ranks first) or -inf: the bound is useless for this row.
     fallback = ~(mu > float("-inf"))
     if bool(fallback.any()):
+        if 2 * int(fallback.sum()) > B:
+            # Mostly rows of few finite scores (JumpReLU's thresholded selection): the
+            # compaction pass would serve too few rows to pay for itself.
+            return topk_by_torch(pre, k)
         mu = mu.masked_fill(fallback, float("nan"))  # no score survives a NaN bound
     flat = (pre >= mu[:, None]).reshape(-1).nonzero().squeeze(-1)
     rows = flat // n
