@@ -10,8 +10,8 @@ sort of :func:`fastsae.reference.topk`). Two ways to get it:
   each row into (value, index) pairs and runs ``std::nth_element`` for ``k + 1 > n / 64``
   (``std::partial_sort`` below): ~7 ns per score. The prefilter makes three vectorized passes
   (block maxima, compare, ``nonzero``), ~1.5 ns per score, and sorts ~1.2-1.4 (k + 1) survivors
-  per row. At B=1024, n=2048, k=32 (fp32, one thread) that is 5.2 ms against 15 ms
-  (``benchmarks/results/`` has the maintained figures).
+  per row. At B=1024, n=2048, k=32 (fp32, one thread, real pre-activations) that was 5.8 ms
+  against 15-19 ms; the effect on a training step is in ``benchmarks/results/quality-*.json``.
 
 :func:`topk_tie_exact` picks between them.
 """
