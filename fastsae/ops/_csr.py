@@ -120,7 +120,9 @@ class SharedCSR:
         them would hold ``16 B·K`` more bytes until the step ends). On CPU, unless
         ``DERIVE_PARTS_ON_CPU``, the main and AuxK parts sort their own ids instead (the same
         layout, element for element)."""
-        own = part == "main" or (part == "aux" and self.aux_indices is not None)
+        # without AuxK ids the main layout is the layout of both: one sort either way
+        has_aux = self.aux_indices is not None and self.aux_indices.shape[1] > 0
+        own = has_aux and part in ("main", "aux")
         if own and not DERIVE_PARTS_ON_CPU and self.indices.device.type == "cpu":
             SharedCSR.builds += 1
             ids = self.indices if part == "main" else self.aux_indices

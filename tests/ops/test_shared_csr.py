@@ -100,3 +100,13 @@ def test_ids_not_from_the_encoder_build_their_own_layout():
         assert _csr.shared_csr_of(enc.indices, 64) is not None
         assert _csr.shared_csr_of(enc.indices.clone(), 64) is None
         assert _csr.shared_csr_of(enc.indices, 65) is None  # another dictionary's width
+
+
+def test_one_csr_build_per_backward_of_topk_without_auxk():
+    """Without AuxK ids the main layout is the layout of both: one sort, on every device."""
+    sae, x, _ = _topk_with_auxk()
+    with ops.use_backend("torch"):
+        loss = sae.loss(x).loss
+        with _FlatSorts() as sorts:
+            loss.backward()
+    assert sorts.count == 1
