@@ -405,7 +405,8 @@ def sparse_backward_shared_csr(B: int, d: int, n: int, k: int) -> Case:
 def csr_layouts_per_step(B: int, d: int, n: int, k: int) -> Case:
     """Only the CSR-by-latent layouts of one TopK step with AuxK active (``k_aux = d / 2``): the
     shared one (one sort of the main and AuxK ids together, the main and AuxK layouts derived from
-    it) against one sort per reduction (main, AuxK, both), as before. The part of
+    it; on CPU the parts sort their own ids unless ``_csr.DERIVE_PARTS_ON_CPU``, which measured
+    faster) against one sort per reduction (main, AuxK, both), as before. The part of
     ``sparse_backward_shared_csr`` that sharing changes."""
     from fastsae.ops import _csr
 

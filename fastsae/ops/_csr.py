@@ -12,7 +12,9 @@ stable sort of the flat ids ``b * K + j`` to the columns ``j`` of one part keeps
 ``(latent, b, j)``, which is exactly the stable sort of that part's own ids. The derived layout
 is the one :func:`csr_by_latent` would build (same offsets, entries and rows, element for
 element), so every gradient is bitwise the same as before; a test checks it. The derivation is a
-cumsum and two scatters of ``B * K`` int64 elements, with static shapes (no host sync).
+cumsum and two scatters of ``B * K`` int64 elements, with static shapes (no host sync). On CPU
+the two parts sort their own ids instead, which measured faster there
+(:data:`DERIVE_PARTS_ON_CPU`); only the encoder's layout of both is then shared.
 
 The encoder registers its output index tensors here (:func:`share`); a backend's
 ``sparse_decode`` looks its ``indices`` up (:func:`shared_csr_of`) and, when found, takes its
@@ -49,10 +51,13 @@ def csr_by_latent(indices: Tensor, n: int) -> CSR:
     """Group the entries of ``indices`` (``[B, K]`` int64 ids in ``[0, n)``, duplicates allowed)
     by latent. The sort is stable, so the reduction order, and the result, are reproducible."""
     flat = indices.reshape(-1)
-    sorted_ids, entries = torch.sort(flat, stable=True)
+    # int32 keys when they fit: a CPU stable sort of 98k ids took 0.50 ms against 0.84 ms for
+    # int64 (B=1024, k + k_aux = 96, n = 2048, one thread); the entries stay int64.
+    keys = flat.to(torch.int32) if n <= torch.iinfo(torch.int32).max else flat
+    sorted_ids, entries = torch.sort(keys, stable=True)
     # searchsorted rather than bincount + cumsum: bincount sizes its output from max(ids), a
     # device-to-host sync on CUDA in the middle of the backward; searchsorted needs none.
-    bounds = torch.arange(n + 1, device=flat.device, dtype=flat.dtype)
+    bounds = torch.arange(n + 1, device=flat.device, dtype=keys.dtype)
     offsets = torch.searchsorted(sorted_ids, bounds)
     rows = entries // max(indices.shape[1], 1)
     return CSR(offsets, entries, rows)
@@ -81,6 +86,15 @@ def csr_columns(csr: CSR, K: int, lo: int, hi: int) -> CSR:
     return CSR(before[offsets], new_entries[:n_keep], new_rows[:n_keep])
 
 
+#: Whether CPU steps also derive the main and AuxK layouts from the one sort of both (as GPU
+#: steps do: static shapes, no host sync). On CPU, sorting each part's own int32 ids was faster at
+#: every shape measured (``benchmarks.run --only csr_layouts_per_step``, one thread): 2.4 ms
+#: against 4.3 ms at B=1024, k=32, k_aux=64, n=2048; 28 ms against 66 ms at B=4096, k_aux=192;
+#: 110 ms against 285 ms at B=4096, k_aux=384, n=16384. The derivation's dozen passes over the
+#: ``B·K`` int64 entries cost more than the sorts they replace.
+DERIVE_PARTS_ON_CPU = False
+
+
 class SharedCSR:
     """One step's layouts: the main ids ``[B, k]`` and AuxK ids ``[B, k_aux]`` (or none), sorted
     once, together, at the first :meth:`csr` call; each part derived from that sort and cached.
@@ -103,7 +117,16 @@ class SharedCSR:
     def csr(self, part: str) -> CSR:
         """The layout of ``part`` (``"main"``, ``"aux"`` or ``"all"``). Only the sorted layout of
         both is kept; a part is derived at each call (each is used once per step, and keeping
-        them would hold ``16 B·K`` more bytes until the step ends)."""
+        them would hold ``16 B·K`` more bytes until the step ends). On CPU, unless
+        ``DERIVE_PARTS_ON_CPU``, the main and AuxK parts sort their own ids instead (the same
+        layout, element for element)."""
+        # without AuxK ids the main layout is the layout of both: one sort either way
+        has_aux = self.aux_indices is not None and self.aux_indices.shape[1] > 0
+        own = has_aux and part in ("main", "aux")
+        if own and not DERIVE_PARTS_ON_CPU and self.indices.device.type == "cpu":
+            SharedCSR.builds += 1
+            ids = self.indices if part == "main" else self.aux_indices
+            return csr_by_latent(ids.long(), self.n)
         if self._all is None:
             ids = self.indices
             if self.aux_indices is not None and self.aux_indices.shape[1]:

@@ -57,21 +57,26 @@ def _topk_with_auxk():
     return sae, x, dead
 
 
+@pytest.mark.parametrize("derive_on_cpu", [True, False])
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_one_csr_build_per_backward_of_topk_with_auxk(backend):
-    """grad_W_dec (main), grad_W_dec (AuxK) and grad_W_enc used to sort their ids each: 3."""
+def test_one_csr_build_per_backward_of_topk_with_auxk(backend, derive_on_cpu, monkeypatch):
+    """grad_W_dec (main), grad_W_dec (AuxK) and grad_W_enc used to sort their ids each: 3. With
+    the parts derived (GPUs; CPU when asked), 1; on CPU by default each part sorts its own."""
+    monkeypatch.setattr(_csr, "DERIVE_PARTS_ON_CPU", derive_on_cpu)
     sae, x, dead = _topk_with_auxk()
     with ops.use_backend(backend):
         loss = sae.loss(x, dead_mask=dead).loss
         assert loss.grad_fn is not None
         with _FlatSorts() as sorts:
             loss.backward()
-    assert sorts.count == 1
+    assert sorts.count == (1 if derive_on_cpu or x.device.type != "cpu" else 3)
     assert all(p.grad is not None for p in (sae.W_enc, sae.W_dec, sae.b_enc))
 
 
+@pytest.mark.parametrize("derive_on_cpu", [True, False])
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_shared_layout_gives_the_same_gradients_bitwise(backend, monkeypatch):
+def test_shared_layout_gives_the_same_gradients_bitwise(backend, derive_on_cpu, monkeypatch):
+    monkeypatch.setattr(_csr, "DERIVE_PARTS_ON_CPU", derive_on_cpu)
     sae, x, dead = _topk_with_auxk()
     grads = []
     for shared in (True, False):
@@ -95,3 +100,13 @@ def test_ids_not_from_the_encoder_build_their_own_layout():
         assert _csr.shared_csr_of(enc.indices, 64) is not None
         assert _csr.shared_csr_of(enc.indices.clone(), 64) is None
         assert _csr.shared_csr_of(enc.indices, 65) is None  # another dictionary's width
+
+
+def test_one_csr_build_per_backward_of_topk_without_auxk():
+    """Without AuxK ids the main layout is the layout of both: one sort, on every device."""
+    sae, x, _ = _topk_with_auxk()
+    with ops.use_backend("torch"):
+        loss = sae.loss(x).loss
+        with _FlatSorts() as sorts:
+            loss.backward()
+    assert sorts.count == 1
