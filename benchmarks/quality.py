@@ -117,9 +117,13 @@ def anchor_runner(name: str, x: Tensor, n: int) -> Runner:
         def reconstruct(h):
             with _bf16():
                 return provider.reconstruct(h).float()
+
+        def codes(h):
+            with _bf16():
+                return provider.codes(h).float()
     else:
-        step, reconstruct = provider.step, provider.reconstruct
-    return Runner(name, step, reconstruct)
+        step, reconstruct, codes = provider.step, provider.reconstruct, provider.codes
+    return Runner(name, step, reconstruct, codes)
 
 
 def _evaluate(runner: Runner, held_out: Tensor, chunk: int = 4096) -> dict:

@@ -24,3 +24,6 @@ class StepProvider(NamedTuple):
     step: Callable[[], object]
     state_bytes: Callable[[], int]
     reconstruct: Callable[[object], object] | None = None
+    #: ``x [N, d] -> codes [N, d_sae]`` (dense latent activations, no gradient), where the quality
+    #: benchmark needs L0 and dead latents
+    codes: Callable[[object], object] | None = None

@@ -59,4 +59,8 @@ def make_step(x: Tensor, d_sae: int, k: int) -> StepProvider:
     def reconstruct(h: Tensor) -> Tensor:
         return sae(h)
 
-    return StepProvider(step, state_bytes, reconstruct)
+    @torch.no_grad()
+    def codes(h: Tensor) -> Tensor:
+        return sae.encode(h)
+
+    return StepProvider(step, state_bytes, reconstruct, codes)

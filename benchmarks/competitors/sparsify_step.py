@@ -67,4 +67,10 @@ def make_step(x: Tensor, d_sae: int, k: int) -> StepProvider:
     def reconstruct(h: Tensor) -> Tensor:
         return coder(x=h, y=h).sae_out
 
-    return StepProvider(step, state_bytes, reconstruct)
+    @torch.no_grad()
+    def codes(h: Tensor) -> Tensor:
+        out = coder.encode(h)
+        dense = out.top_acts.new_zeros(h.shape[0], d_sae)
+        return dense.scatter_(-1, out.top_indices, out.top_acts)
+
+    return StepProvider(step, state_bytes, reconstruct, codes)
