@@ -11,6 +11,7 @@ import warnings
 import pytest
 import torch
 
+from fastsae import ops
 from fastsae import reference as ref
 from fastsae.train import TrainConfig, Trainer
 
@@ -19,6 +20,17 @@ ARCHS = ["topk", "batchtopk", "matryoshka_batchtopk", "jumprelu", "relu", "gated
 #: at a second, user-set target: the controllers must follow target_l0, not one number.
 #: (At 32, before the JumpReLU threshold controller, jumprelu ended at L0 23.2 here.)
 CASES = [(arch, 32) for arch in ARCHS] + [(arch, 12) for arch in ("jumprelu", "relu", "gated")]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These tests measure quality, not speed: one intra-op thread. On a shared two-core machine a
+    two-thread stable ``torch.sort`` (the sparse backward's latent grouping) measured 100-190 ms
+    against 1 ms on one thread, which made the topk case take minutes."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +79,9 @@ def test_default_flags_give_a_usable_sae(activations, architecture, target):
     trainer = Trainer(cfg)
     for s in range(steps):
         trainer.step(train[s * B : (s + 1) * B])
-    with torch.no_grad():
+    # the torch backend here too: under TRITON_INTERPRET=1 "auto" would interpret the Triton
+    # top-k kernel on 4096 rows (minutes)
+    with torch.no_grad(), ops.use_backend("torch"):
         out = trainer.sae(held_out)
         ev = 1.0 - float(ref.fvu(out.recon, held_out))
         l0 = float((out.dense_codes(d_sae) > 0).sum(-1).float().mean())
