@@ -23,12 +23,14 @@ __all__ = ["PRESETS", "TrainConfig", "default_lr", "load_config_file"]
 #: Values of ``TrainConfig.parallel`` (fastsae/parallel).
 PARALLEL_MODES = ("none", "dp", "latent", "dp,latent")
 
-#: Learning rate at 2^14 latents; the default scales as 1 / sqrt(d_sae / 2^14) (Gao et al. 2024).
-BASE_LR = 4e-4
-#: The top-k family's base rate: 3x BASE_LR. On inputs normalised to E||x|| = sqrt(d_in) it reached
-#: a given held-out FVU in 2-2.5x fewer steps, and ended lower at 200 and 1000 steps (MiniLM-L6 and
-#: the embedded model, d_sae 2048, B 1024: docs/training.md, "Learning rate").
-TOPK_BASE_LR = 3 * BASE_LR
+#: Learning rate at 2^14 latents, for every architecture; the default scales as
+#: 1 / sqrt(d_sae / 2^14) (Gao et al. 2024). 3x the 4e-4 it was: on inputs normalised to
+#: E||x|| = sqrt(d_in) the top-k family reached a given held-out FVU in 2-2.5x fewer steps and ended
+#: lower at 200 and 1000 steps, and relu, gated and jumprelu (with their L0 controls) ended lower
+#: too (MiniLM-L6 and the embedded model, d_sae 2048, B 1024: docs/training.md, "Learning rate").
+BASE_LR = 1.2e-3
+#: The top-k family's base rate (the same as every architecture's now; kept for imports).
+TOPK_BASE_LR = BASE_LR
 
 
 #: Parameter dtypes a run accepts (float16/bfloat16 need a CUDA device: see ``run``).
@@ -37,10 +39,13 @@ _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
 def default_lr(d_sae: int, architecture: str = "topk") -> float:
-    """The default Adam learning rate: ``TOPK_BASE_LR`` (top-k family) or ``BASE_LR`` (relu,
-    gated, jumprelu), times ``1 / sqrt(d_sae / 2^14)``."""
-    base = TOPK_BASE_LR if architecture in TOPK_FAMILY else BASE_LR
-    return base / math.sqrt(d_sae / 2**14)
+    """The default Adam learning rate, ``BASE_LR / sqrt(d_sae / 2^14)`` (the same for every
+    ``architecture``)."""
+    if architecture not in ARCHITECTURES:
+        raise ValueError(
+            f"architecture={architecture!r} is unknown; allowed: {', '.join(ARCHITECTURES)}"
+        )
+    return BASE_LR / math.sqrt(d_sae / 2**14)
 
 
 @dataclass
@@ -73,8 +78,10 @@ class TrainConfig:
     target_l0 / d_sae of its tokens."""
     normalize_decoder: bool | None = None
     """Keep decoder rows at unit norm and remove the gradient component parallel to them.
-    None: on for the top-k family, off for L1/L0-penalised architectures (their penalty is
-    weighted by decoder norms)."""
+    None: on for the top-k family and gated, off for relu and jumprelu (relu's L1 is weighted by
+    the decoder norms; jumprelu's L0 does not see them). Gated's auxiliary loss decodes through
+    the detached decoder, so with free rows its L1 was lowered by shrinking them while L0 stayed
+    above target and the coefficient wound up (see docs/training.md)."""
     init_b_dec: Literal["geometric_median", "mean", "zeros"] = "geometric_median"
     """How b_dec is initialised from the first batch (SAEs only; transcoders start at zero)."""
     init_encoder_scale: float | None = None
@@ -96,7 +103,9 @@ class TrainConfig:
     l1_coeff: float | None = None
     """L1 coefficient (relu, gated). None: adapted toward target_l0 (see sparsity_adapt_rate)."""
     l0_coeff: float | None = None
-    """L0 coefficient (jumprelu). None: adapted toward target_l0 (see sparsity_adapt_rate)."""
+    """L0 coefficient (jumprelu). None: adapted toward target_l0 (see sparsity_adapt_rate), and
+    the thresholds are scaled after each step by ((L0 + 1) / (target_l0 + 1)) ** 0.05, which
+    can also lower them (the penalty only raises them)."""
     sparsity_adapt_rate: float | None = None
     """Gain of the L1/L0 coefficient controller: after each step, coeff *= ((L0 + 1) /
     (target_l0 + 1)) ** rate (L0 of that batch), so the coefficient rises while L0 is above
@@ -110,8 +119,7 @@ class TrainConfig:
 
     # -- optimizer ---------------------------------------------------------------------------------
     lr: float | None = None
-    """Adam learning rate; None: 1.2e-3 / sqrt(d_sae / 2^14) for the top-k family, 4e-4 / sqrt(d_sae /
-    2^14) for relu, gated and jumprelu."""
+    """Adam learning rate; None: 1.2e-3 / sqrt(d_sae / 2^14), every architecture."""
     beta1: float = 0.9
     """Adam beta1."""
     beta2: float = 0.999
@@ -350,7 +358,7 @@ class TrainConfig:
     def decoder_normalized(self) -> bool:
         if self.normalize_decoder is not None:
             return self.normalize_decoder
-        return self.architecture in TOPK_FAMILY
+        return self.architecture in (*TOPK_FAMILY, "gated")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
