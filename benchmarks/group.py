@@ -119,6 +119,7 @@ def group_vs_separate(
             model = str(minilm_dir())
         except ImportError as exc:
             raise Unavailable(str(exc)) from None
+    _warm_up(model)
     work = Path(tempfile.mkdtemp(prefix="fastsae-bench-sweep-"))
     cache_dir = None
     if cached:
@@ -182,6 +183,17 @@ def group_vs_separate(
         repeats=1 if suite == "full" else 2,
         teardown=lambda: shutil.rmtree(work, ignore_errors=True),
     )
+
+
+def _warm_up(model: str | None) -> None:
+    """Import, untimed, what both providers import on first use (TransformerLens, transformers,
+    matplotlib: ~7 s on two cores), so that the first timed call of a process does not pay it:
+    the first group call of a process read 10.6 s against 4.3 s for the second."""
+    import matplotlib.figure  # noqa: F401
+
+    from fastsae.data import open_source
+
+    open_source(model, [PRETRAINED_HOOK] if model else None)
 
 
 def configs_grid(members: int, model: str | None = None) -> tuple[list[int], list[int]]:
