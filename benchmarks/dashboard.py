@@ -300,43 +300,66 @@ def plot_quality(result: dict[str, Any], path: Path) -> bool:
     return True
 
 
+def newest_quality_results(runs: list[dict[str, Any]]) -> list[tuple[dict, dict]]:
+    """``(run, result)`` for the newest result of every (source, d_sae, steps) in ``runs``
+    (oldest first, as ``benchmarks.quality`` appends them), sorted by source, width and budget.
+    Separate invocations (one source, one width, a longer budget) then show side by side."""
+    seen: set[tuple] = set()
+    picked = []
+    for run in reversed(runs):
+        for result in run.get("results", []):
+            key = (result["source"], result["d_sae"], result["steps"])
+            if key not in seen:
+                seen.add(key)
+                picked.append((run, result))
+    return sorted(picked, key=lambda p: (p[1]["source"], p[1]["d_sae"], p[1]["steps"]))
+
+
 def quality_section(out: Path, quality_dir: Path | None) -> list[str]:
-    """The newest run of ``<quality_dir>/quality-*.json`` (``benchmarks.quality``)."""
+    """The newest result of every (source, width, budget) in ``<quality_dir>/quality-*.json``
+    (``benchmarks.quality``): FVU-vs-seconds plot and table, time to target and the ratios of
+    that budget (each from one run: its configurations ran in lock-step)."""
+    from benchmarks.quality import time_to_quality
+
     parts = []
     if quality_dir is None:
         return parts
     for file in sorted(Path(quality_dir).glob("quality-*.json")):
-        runs = json.loads(file.read_text()).get("runs", [])
-        if not runs:
+        picked = newest_quality_results(json.loads(file.read_text()).get("runs", []))
+        if not picked:
             continue
-        run = runs[-1]
-        env = run["environment"]
-        parts.append(f"<h2 id='quality'>Quality: {html.escape(env.get('device', ''))}</h2>")
+        device = picked[0][0]["environment"].get("device", "")
+        parts.append(f"<h2 id='quality'>Quality: {html.escape(device)}</h2>")
         parts.append(
-            f"<p class='env'>run {html.escape(env.get('run_id', ''))}, commit "
-            f"{html.escape(_commit_label(env))}, {env.get('threads', '?')} threads; "
-            f"{html.escape(run.get('note', ''))}. Held-out FVU / L0 / dead % on real activations; "
-            "see <code>benchmarks/quality.py</code>.</p>"
+            "<p class='env'>Held-out FVU / L0 / dead % on real activations; the target of each "
+            "budget is the worst final FVU of the anchors' best configurations at that budget. "
+            "See <code>benchmarks/quality.py</code>.</p>"
         )
-        for key, summ in run.get("summary", {}).items():
-            speed = summ.get("speedup_vs_best_anchor")
+        for run, result in picked:
+            env = run["environment"]
+            tq = time_to_quality(result["configs"]) or {}
+            title = f"{result['source']} d_sae={result['d_sae']}, {result['steps']} steps"
             parts.append(
-                f"<p><b>{html.escape(key)}</b>: target FVU {summ['target_fvu']:.4f} (worst "
-                f"final FVU of the anchors' best configurations "
-                f"{html.escape(json.dumps(summ['best_anchor_configs']))}); fastsae-topk reaches "
-                f"it {_fmt(speed, '.2f')}x sooner than the best anchor "
-                f"(bf16: {_fmt(summ.get('speedup_bf16_vs_best_anchor'), '.2f')}x).</p>"
+                f"<h3>{html.escape(title)}</h3><p class='env'>run "
+                f"{html.escape(env.get('run_id', ''))}, commit {html.escape(_commit_label(env))}, "
+                f"{env.get('threads', '?')} threads; {html.escape(run.get('note', ''))}.</p>"
             )
-        for result in run["results"]:
+            if tq:
+                parts.append(
+                    f"<p>target FVU {tq['target_fvu']:.4f} (anchors' best configurations "
+                    f"{html.escape(json.dumps(tq['best_anchor_configs']))}); fastsae-topk reaches "
+                    f"it <b>{_fmt(tq['speedup_vs_best_anchor'], '.2f', 'x') or 'never'}</b> sooner "
+                    f"than the best anchor (bf16: "
+                    f"{_fmt(tq['speedup_bf16_vs_best_anchor'], '.2f', 'x') or 'never'}).</p>"
+                )
             name = f"quality-{slug(result['source'])}-{result['d_sae']}-{result['steps']}.png"
             plot_quality(result, out / name)
-            parts.append(f"<img src='{name}' alt='quality {html.escape(result['source'])}'>")
+            parts.append(f"<img src='{name}' alt='quality {html.escape(title)}'>")
             head = (
                 "<tr><th>configuration</th><th>held-out FVU</th><th>L0</th><th>dead %</th>"
                 "<th>training s</th><th>s to target</th></tr>"
             )
-            summ = run.get("summary", {}).get(f"{result['source']}/{result['d_sae']}", {})
-            ttt = summ.get("time_to_target_s", {})
+            ttt = tq.get("time_to_target_s", {})
             body = []
             for cname, c in result["configs"].items():
                 f = c["final"]

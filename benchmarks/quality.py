@@ -204,49 +204,64 @@ def time_to_target(curve: list[dict], target: float) -> float | None:
     return None
 
 
+def time_to_quality(configs: dict) -> dict | None:
+    """Target, time to target and the headline ratios from one budget's ``configs`` (name ->
+    ``{"curve", "final"}``), or None without an anchor.
+
+    The target is the worst final FVU among the anchors' best configurations (each anchor's better
+    of fp32 / bf16); the ratios are the best anchor's time to it over fastsae-topk's (fp32 and
+    bf16)."""
+    best_anchor = {}
+    for anchor in ("sparsify", "sae_lens"):
+        options = [c for c in (anchor, f"{anchor}-bf16") if c in configs]
+        if options:
+            best_anchor[anchor] = min(options, key=lambda c: configs[c]["final"]["fvu"])
+    if not best_anchor:
+        return None
+    target = max(configs[c]["final"]["fvu"] for c in best_anchor.values())
+    ttt = {name: time_to_target(c["curve"], target) for name, c in configs.items()}
+    anchors_t = [ttt[c] for c in best_anchor.values() if ttt[c] is not None]
+    best_t = min(anchors_t) if anchors_t else None
+
+    def ratio(name: str) -> float | None:
+        return best_t / ttt[name] if best_t and ttt.get(name) else None
+
+    return {
+        "target_fvu": target,
+        "best_anchor_configs": best_anchor,
+        "time_to_target_s": ttt,
+        "speedup_vs_best_anchor": ratio("fastsae-topk"),
+        "speedup_bf16_vs_best_anchor": ratio("fastsae-topk-bf16"),
+    }
+
+
 def summarize(results: list[dict]) -> dict:
-    """Per (source, width): target FVU, time to target, and the headline ratios."""
+    """Per (source, width): :func:`time_to_quality` at the largest budget (the headline), and per
+    budget its own target and ratios plus the final FVUs."""
     out = {}
     groups: dict[tuple, list[dict]] = {}
     for r in results:
         groups.setdefault((r["source"], r["d_sae"]), []).append(r)
     for (source, n), rs in groups.items():
         longest = max(rs, key=lambda r: r["steps"])
-        cfgs = longest["configs"]
-        best_anchor = {}
-        for anchor in ("sparsify", "sae_lens"):
-            options = [c for c in (anchor, f"{anchor}-bf16") if c in cfgs]
-            if options:
-                best = min(options, key=lambda c: cfgs[c]["final"]["fvu"])
-                best_anchor[anchor] = best
-        if not best_anchor:
+        headline = time_to_quality(longest["configs"])
+        if headline is None:
             continue
-        target = max(cfgs[c]["final"]["fvu"] for c in best_anchor.values())
-        ttt = {name: time_to_target(c["curve"], target) for name, c in cfgs.items()}
-        anchors_t = [ttt[c] for c in best_anchor.values() if ttt[c] is not None]
-        best_t = min(anchors_t) if anchors_t else None
-        default = ttt.get("fastsae-topk")
         per_budget = {}
         for r in sorted(rs, key=lambda r: r["steps"]):
             c = r["configs"]
-            anchor_best = min(
-                (c[a]["final"]["fvu"] for a in ANCHORS if a in c), default=float("nan")
-            )
+            tq = time_to_quality(c) or {}
             per_budget[r["steps"]] = {
-                "best_anchor_fvu": anchor_best,
+                "best_anchor_fvu": min(
+                    (c[a]["final"]["fvu"] for a in ANCHORS if a in c), default=float("nan")
+                ),
                 "fastsae_topk_fvu": c.get("fastsae-topk", {}).get("final", {}).get("fvu"),
                 "fastsae_topk_bf16_fvu": c.get("fastsae-topk-bf16", {}).get("final", {}).get("fvu"),
+                "target_fvu": tq.get("target_fvu"),
+                "speedup_vs_best_anchor": tq.get("speedup_vs_best_anchor"),
+                "speedup_bf16_vs_best_anchor": tq.get("speedup_bf16_vs_best_anchor"),
             }
-        out[f"{source}/{n}"] = {
-            "target_fvu": target,
-            "best_anchor_configs": best_anchor,
-            "time_to_target_s": ttt,
-            "speedup_vs_best_anchor": (best_t / default) if best_t and default else None,
-            "speedup_bf16_vs_best_anchor": (best_t / ttt["fastsae-topk-bf16"])
-            if best_t and ttt.get("fastsae-topk-bf16")
-            else None,
-            "per_budget": per_budget,
-        }
+        out[f"{source}/{n}"] = {**headline, "per_budget": per_budget}
     return out
 
 

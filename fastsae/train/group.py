@@ -512,7 +512,7 @@ def _summary_row(s: _Slot) -> dict[str, Any]:
         "hook": cfg.hook,
         "d_sae": cfg.d_sae,
         "k": cfg.k,
-        "lr": cfg.learning_rate,
+        "lr": s.trainer.learning_rate if s.trainer is not None else cfg.lr,
         "seed": cfg.seed,
         "steps": s._read_status().get("step"),
     }

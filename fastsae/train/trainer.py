@@ -123,6 +123,8 @@ class Trainer:
         self.device = resolve_device(cfg.device)
         #: the resolved ``cfg.autocast`` ("bf16" or "none") and why (fastsae/train/precision.py)
         self.precision = resolve_precision(cfg, self.device, d_in)
+        #: peak learning rate: ``cfg.lr``, or the default for this d_in and d_sae
+        self.learning_rate = cfg.learning_rate(d_in)
         k = cfg.k if cfg.architecture in TOPK_FAMILY else None
         if cfg.architecture == "topk":
             k = int(k)
@@ -190,7 +192,7 @@ class Trainer:
         post-accumulate-grad hook (``optimizer_in_backward``)."""
         cfg = self.cfg
         kwargs = {
-            "lr": cfg.learning_rate,
+            "lr": self.learning_rate,
             "betas": (cfg.beta1, cfg.beta2),
             **_adam_impl(self.device),
         }
@@ -428,7 +430,7 @@ class Trainer:
     def lr_at(self, step: int) -> float:
         """Linear warm-up, constant, then linear decay to zero from ``decay_start``."""
         cfg = self.cfg
-        lr = cfg.learning_rate
+        lr = self.learning_rate
         warmup = cfg.warmup
         if warmup and step < warmup:
             return lr * (step + 1) / warmup
