@@ -300,19 +300,28 @@ def plot_quality(result: dict[str, Any], path: Path) -> bool:
     return True
 
 
+def _anchored(result: dict[str, Any]) -> bool:
+    """Whether a quality result compares with an anchor (sparsify, SAELens), not only fastsae."""
+    return any(not name.startswith("fastsae") for name in result["configs"])
+
+
 def newest_quality_results(runs: list[dict[str, Any]]) -> list[tuple[dict, dict]]:
-    """``(run, result)`` for the newest result of every (source, d_sae, steps) in ``runs``
-    (oldest first, as ``benchmarks.quality`` appends them), sorted by source, width and budget.
-    Separate invocations (one source, one width, a longer budget) then show side by side."""
+    """``(run, result)`` for the newest result of every (source, d_sae, steps, with or without
+    anchors) in ``runs`` (oldest first, as ``benchmarks.quality`` appends them), sorted by source,
+    width, anchors first, then budget. Separate invocations (one source, one width, a longer
+    budget, fastsae's architectures alone) then show side by side."""
     seen: set[tuple] = set()
     picked = []
     for run in reversed(runs):
         for result in run.get("results", []):
-            key = (result["source"], result["d_sae"], result["steps"])
+            key = (result["source"], result["d_sae"], result["steps"], _anchored(result))
             if key not in seen:
                 seen.add(key)
                 picked.append((run, result))
-    return sorted(picked, key=lambda p: (p[1]["source"], p[1]["d_sae"], p[1]["steps"]))
+    return sorted(
+        picked,
+        key=lambda p: (p[1]["source"], p[1]["d_sae"], not _anchored(p[1]), p[1]["steps"]),
+    )
 
 
 def quality_section(out: Path, quality_dir: Path | None) -> list[str]:
@@ -339,6 +348,8 @@ def quality_section(out: Path, quality_dir: Path | None) -> list[str]:
             env = run["environment"]
             tq = time_to_quality(result["configs"]) or {}
             title = f"{result['source']} d_sae={result['d_sae']}, {result['steps']} steps"
+            if not _anchored(result):
+                title += ", fastsae's architectures"
             parts.append(
                 f"<h3>{html.escape(title)}</h3><p class='env'>run "
                 f"{html.escape(env.get('run_id', ''))}, commit {html.escape(_commit_label(env))}, "
@@ -352,7 +363,8 @@ def quality_section(out: Path, quality_dir: Path | None) -> list[str]:
                     f"than the best anchor (bf16: "
                     f"{_fmt(tq['speedup_bf16_vs_best_anchor'], '.2f', 'x') or 'never'}).</p>"
                 )
-            name = f"quality-{slug(result['source'])}-{result['d_sae']}-{result['steps']}.png"
+            name = slug(f"quality-{result['source']}-{result['d_sae']}-{result['steps']}")
+            name += ".png" if _anchored(result) else "-archs.png"
             plot_quality(result, out / name)
             parts.append(f"<img src='{name}' alt='quality {html.escape(title)}'>")
             head = (

@@ -93,33 +93,37 @@ def test_run_budget_trains_in_lock_step_on_identical_batches(monkeypatch):
 
 
 def test_dashboard_shows_the_newest_result_of_each_budget(tmp_path):
-    def result(steps, fvu):
+    def result(steps, fvu, anchors=True):
+        configs = {"fastsae-topk": _cfg([(steps, 1.0, fvu)])}
+        if anchors:
+            configs["sparsify"] = _cfg([(steps, 2.0, 0.5)])
         return {
             "source": "s",
             "d_sae": 64,
             "k": 4,
             "batch_size": 8,
             "steps": steps,
-            "configs": {
-                "fastsae-topk": _cfg([(steps, 1.0, fvu)]),
-                "sparsify": _cfg([(steps, 2.0, 0.5)]),
-            },
+            "configs": configs,
         }
 
     env = {"device": "cpu-test", "run_id": "r", "commit": "abc", "threads": 1}
     runs = [
         {"environment": {**env, "run_id": "old"}, "results": [result(10, 0.4), result(50, 0.3)]},
         {"environment": {**env, "run_id": "new"}, "results": [result(10, 0.2)]},
+        # fastsae alone (an architecture check) does not hide the comparison with the anchors
+        {"environment": {**env, "run_id": "archs"}, "results": [result(10, 0.25, anchors=False)]},
     ]
     picked = dashboard.newest_quality_results(runs)
     assert [(r["environment"]["run_id"], res["steps"]) for r, res in picked] == [
         ("new", 10),
         ("old", 50),
+        ("archs", 10),
     ]
     (tmp_path / "quality-cpu-test.json").write_text(json.dumps({"runs": runs}))
     out = tmp_path / "site"
     out.mkdir()
     html = "".join(dashboard.quality_section(out, tmp_path))
-    assert "0.2000" in html and "0.3000" in html and "0.4000" not in html
+    assert "0.2000" in html and "0.3000" in html and "0.2500" in html and "0.4000" not in html
     assert "2.00x" in html  # 2 s for sparsify against 1 s for fastsae, at the 10-step budget
-    assert (out / "quality-s-64-10.png").exists() and (out / "quality-s-64-50.png").exists()
+    for png in ("quality-s-64-10.png", "quality-s-64-50.png", "quality-s-64-10-archs.png"):
+        assert (out / png).exists(), png
