@@ -119,7 +119,10 @@ def group_vs_separate(
             model = str(minilm_dir())
         except ImportError as exc:
             raise Unavailable(str(exc)) from None
-    _warm_up(model)
+    try:
+        _warm_up(model)
+    except ImportError as exc:  # TransformerLens or transformers missing: skip this source
+        raise Unavailable(str(exc)) from None
     work = Path(tempfile.mkdtemp(prefix="fastsae-bench-sweep-"))
     cache_dir = None
     if cached:

@@ -25,9 +25,11 @@ any, so a noisy shared machine slows them all alike. Each step is timed alone (e
 counted). From the curves of held-out FVU against training seconds:
 
 - **target** = the worst final FVU among the anchors' best configurations (each anchor's better of
-  fp32 / bf16), at the largest budget;
+  fp32 / bf16) at a budget (:func:`time_to_quality`);
 - **time to target** for every configuration: training seconds until its held-out FVU first
-  reaches the target; the headline ratio is the best anchor's time over fastsae-topk's.
+  reaches the target; the ratio is the best anchor's time over fastsae-topk's. The summary's
+  headline is the largest budget's; every budget also has its own target and ratios
+  (``per_budget``), as the dashboard shows.
 
 Results go to ``benchmarks/results/quality-<device>.json`` (a list of runs) and the FVU-vs-seconds
 plots to the dashboard (``python -m benchmarks.dashboard``).

@@ -115,7 +115,13 @@ def evaluate_many(
     """:func:`reconstruction_metrics` of every target over held-out ``columns`` (chunks
     ``{hook: [n, d_hook]}``, read once for all targets), plus :func:`model_scores` when a
     TransformerLens ``model`` and its held-out ``tokens`` ``[n_seq, ctx]`` are given. One dict per
-    target, in order, equal to what each target gets evaluated alone."""
+    target, in order, equal to what each target gets evaluated alone.
+
+    Raises:
+        ValueError: ``model`` without ``tokens`` (or with no sequence), before any compute.
+    """
+    if model is not None and (tokens is None or tokens.shape[0] == 0):
+        raise ValueError("model scores need the held-out tokens [n_seq, ctx], with n_seq >= 1")
     for t in targets:
         t.sae.eval()
     sums = [_ReconstructionSums(t) for t in targets]

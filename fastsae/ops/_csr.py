@@ -96,8 +96,10 @@ DERIVE_PARTS_ON_CPU = False
 
 
 class SharedCSR:
-    """One step's layouts: the main ids ``[B, k]`` and AuxK ids ``[B, k_aux]`` (or none), sorted
-    once, together, at the first :meth:`csr` call; each part derived from that sort and cached.
+    """One step's layouts: the main ids ``[B, k]`` and AuxK ids ``[B, k_aux]`` (or none). The
+    encoder's layout of both (``"all"``) is sorted once, at the first :meth:`csr` call that needs
+    it, and kept; ``"main"`` and ``"aux"`` are derived from it at each call, or, on CPU
+    (:data:`DERIVE_PARTS_ON_CPU` False), sorted from their own ids.
 
     Parts: ``"main"`` (the decoder), ``"aux"`` (the AuxK decoder), ``"all"`` (the encoder: main
     then AuxK columns, the order of its ``cat``).

@@ -29,17 +29,30 @@ __all__ = ["topk_by_torch", "topk_prefiltered", "topk_tie_exact"]
 #: wider ``topk`` over the block maxima. At n = 2048, k = 32 (B = 1024) 2, 3 and 4 (k + 1) blocks
 #: took 5.8, 6.2 and 6.5 ms.
 PREFILTER_BLOCKS_PER_K = 2
-#: The prefilter is used for ``PREFILTER_MIN_N * (k + 1) <= n < 64 * (k + 1)``. Above, CPU
+#: The prefilter is used for ``PREFILTER_MIN_N * (k + 1) <= n < PREFILTER_MAX_N * (k + 1)``
+#: (:func:`prefilter_applies`). Above, CPU
 #: ``torch.topk`` switches to a heap (``std::partial_sort``), which rejects most scores with one
 #: comparison and matched or beat the prefilter (random normal scores, B=1024, n=4096-16384,
 #: k=32). Below, the fixed per-row costs (the top-(k+1) of the block maxima, the sort of the
 #: survivors) dominate: at k=64 the prefilter took 8.1 ms against 7.6 at n=750, and 7.5 against
 #: 9.1 at n=912 (real pre-activations of dead latents, B=1024).
 PREFILTER_MIN_N = 12
+PREFILTER_MAX_N = 64
 #: Survivors per row, in multiples of ``k + 1``, above which a row is selected by
 #: :func:`topk_by_torch` instead (rows of many equal scores, e.g. an all-zero input row at
 #: initialisation, would otherwise widen the sort of every row to ``n``).
 PREFILTER_MAX_SURVIVORS_PER_K = 8
+
+
+def prefilter_applies(pre: Tensor, k: int) -> bool:
+    """Whether :func:`topk_prefiltered` is the faster way to the top ``k`` of each row of ``pre``:
+    a non-empty CPU matrix with ``PREFILTER_MIN_N * (k + 1) <= n < PREFILTER_MAX_N * (k + 1)``."""
+    return (
+        pre.dim() == 2
+        and pre.device.type == "cpu"
+        and pre.shape[0] > 0
+        and PREFILTER_MIN_N * (k + 1) <= pre.shape[1] < PREFILTER_MAX_N * (k + 1)
+    )
 
 
 def topk_tie_exact(pre: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -50,12 +63,7 @@ def topk_tie_exact(pre: Tensor, k: int) -> tuple[Tensor, Tensor]:
     else through :func:`topk_by_torch`; both return the same scores and, wherever the tie rule
     decides, the same indices (equal ``+inf``/``-inf`` scores may come in another order, and NaN
     scores, which count as the largest, in any order)."""
-    n = pre.shape[-1]
-    if (
-        pre.dim() == 2
-        and pre.device.type == "cpu"
-        and PREFILTER_MIN_N * (k + 1) <= n < 64 * (k + 1)
-    ):
+    if prefilter_applies(pre, k):
         return topk_prefiltered(pre, k, blocks=PREFILTER_BLOCKS_PER_K * (k + 1))
     return topk_by_torch(pre, k)
 
@@ -106,6 +114,8 @@ def topk_prefiltered(pre: Tensor, k: int, *, blocks: int) -> tuple[Tensor, Tenso
     B, n = pre.shape
     if not (1 <= k < n and k + 1 <= blocks <= n):
         raise ValueError(f"need 1 <= k={k} < n={n} and k + 1 <= blocks={blocks} <= n")
+    if B == 0:
+        return pre.new_empty(0, k), torch.empty(0, k, dtype=torch.long, device=pre.device)
     per_block = n // blocks
     body = pre[:, : per_block * blocks].unflatten(1, (per_block, blocks))
     block_max = body.amax(dim=1)  # [B, blocks]: a reduction over a strided, vectorized axis

@@ -45,9 +45,9 @@ from fastsae.ops._csr import CSR, csr_by_latent, shared_csr_of
 from fastsae.ops._sparse_encode import make_encode_ops
 from fastsae.ops._topk import (
     PREFILTER_BLOCKS_PER_K,
-    PREFILTER_MIN_N,
     index_order_ties,
     order_candidates,
+    prefilter_applies,
     topk_prefiltered,
     topk_tie_exact,
 )
@@ -121,6 +121,8 @@ def _sampled_row_dots(g: Tensor, W: Tensor, indices: Tensor) -> Tensor:
     sorted and de-duplicated first, and every entry then reads its (shared) result back.
     """
     B, k = indices.shape
+    if B == 0 or k == 0:
+        return g.new_zeros(B, k)
     if g.device.type == "cpu" and k <= W.shape[0]:
         crow = torch.arange(0, B * k + 1, k, device=indices.device)
         pattern = torch.sparse_csr_tensor(
@@ -326,13 +328,11 @@ def _select_topk_bf16(
         top, idx = _bf16_candidates(scores, m)
         tops.append(top)
         idxs.append(idx + start)
-        if k_aux:  # the dead latents' columns only, as in _select_topk_exact
-            lo, hi = torch.searchsorted(dead_cols, dead_cols.new_tensor([start, stop])).tolist()
-            if hi > lo:
-                cols = dead_cols[lo:hi]
-                top, idx = _bf16_candidates(scores.index_select(1, cols - start), m_aux)
-                aux_tops.append(top)
-                aux_idxs.append(cols[idx])
+        cols = _dead_in_slab(dead_cols, start, stop) if k_aux else None
+        if cols is not None:
+            top, idx = _bf16_candidates(scores.index_select(1, cols - start), m_aux)
+            aux_tops.append(top)
+            aux_idxs.append(cols[idx])
         del scores
     top, idx, unsafe = _rescore_candidates(x_in, W_enc, b_enc, tops, idxs, m, k)
     aux_top = aux_idx = None
@@ -362,7 +362,7 @@ def _bf16_candidates(scores: Tensor, m: int) -> tuple[Tensor, Tensor]:
     B, w = scores.shape
     if m >= w:
         return scores, torch.arange(w, device=scores.device).expand(B, w)
-    if scores.device.type == "cpu" and PREFILTER_MIN_N * (m + 1) <= w < 64 * (m + 1):
+    if prefilter_applies(scores, m):
         top, idx = topk_prefiltered(scores.float(), m, blocks=PREFILTER_BLOCKS_PER_K * (m + 1))
         return top.to(scores.dtype), idx
     return torch.topk(scores, m, dim=-1, sorted=False)
@@ -510,21 +510,27 @@ def _select_topk_exact(
         top, idx = topk_tie_exact(scores, min(k, stop - start))
         tops.append(top)
         idxs.append(idx + start)
-        if k_aux:
-            # Only the dead latents' columns, in latent order (so the tie rule carries over):
-            # a gather of n_dead columns instead of a pass masking the n - n_dead live ones.
-            lo, hi = torch.searchsorted(dead_cols, dead_cols.new_tensor([start, stop])).tolist()
-            if hi > lo:
-                cols = dead_cols[lo:hi]
-                top, idx = topk_tie_exact(scores.index_select(1, cols - start), min(k_aux, hi - lo))
-                aux_tops.append(top)
-                aux_idxs.append(cols[idx])
+        cols = _dead_in_slab(dead_cols, start, stop) if k_aux else None
+        if cols is not None:
+            top, idx = topk_tie_exact(
+                scores.index_select(1, cols - start), min(k_aux, cols.numel())
+            )
+            aux_tops.append(top)
+            aux_idxs.append(cols[idx])
         del scores
     top, idx = _merge(tops, idxs, k)
     if not k_aux:
         return top, idx, None, None
     aux_top, aux_idx = _merge(aux_tops, aux_idxs, k_aux)
     return top, idx, aux_top, aux_idx
+
+
+def _dead_in_slab(dead_cols: Tensor, start: int, stop: int) -> Tensor | None:
+    """The dead latents of ``[start, stop)`` (from the sorted ``dead_cols``), or None. AuxK selects
+    among these columns only, in latent order (so the tie rule carries over): a gather of the
+    slab's dead columns instead of a pass masking its live ones."""
+    lo, hi = torch.searchsorted(dead_cols, dead_cols.new_tensor([start, stop])).tolist()
+    return dead_cols[lo:hi] if hi > lo else None
 
 
 def _merge(tops: list[Tensor], idxs: list[Tensor], k: int) -> tuple[Tensor, Tensor]:

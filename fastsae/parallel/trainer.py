@@ -239,6 +239,9 @@ class DistributedTrainer(Trainer):
             if torch.isfinite(smallest):
                 sae.threshold_step(smallest, self._threshold_rate())
         B = out.recon.shape[0] * layout.dp_size
+        if self.adaptive_sparsity:  # relu, gated, jumprelu: data-parallel only, full codes
+            active = (out.codes > 0).sum().double().reshape(1)
+            self._adapt_sparsity(float(all_reduce(active, layout.dp_group)[0]) / B)
         self.since_fired += B
         self.since_fired[counts > 0] = 0
         self.fire_counts += counts

@@ -37,8 +37,6 @@ BASE_LR = 1.2e-3
 #: target FVU in 28% fewer steps at 2x the d-independent rate, MiniLM-L6 (d 384) was best near 1x
 #: (docs/training.md, "Learning rate").
 LR_REF_D_IN = 512
-#: The top-k family's base rate (the same as every architecture's now; kept for imports).
-TOPK_BASE_LR = BASE_LR
 
 
 #: Parameter dtypes a run accepts (float16/bfloat16 need a CUDA device: see ``run``).
@@ -47,8 +45,8 @@ _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
 def default_lr(d_sae: int, architecture: str = "topk", *, d_in: int) -> float:
-    """The default Adam learning rate, ``BASE_LR / sqrt((d_sae / 2^14) * (d_in / 512))`` (the
-    same for every ``architecture``)."""
+    """The default Adam learning rate, ``BASE_LR / sqrt((d_sae / 2^14) * (d_in / 512))``; the
+    same for every ``architecture`` (checked to be one, so that a typo is not silently served)."""
     if architecture not in ARCHITECTURES:
         raise ValueError(
             f"architecture={architecture!r} is unknown; allowed: {', '.join(ARCHITECTURES)}"
@@ -327,7 +325,7 @@ class TrainConfig:
 
     # -- derived -----------------------------------------------------------------------------------
 
-    def learning_rate(self, d_in: int | None = None) -> float:
+    def lr_for(self, d_in: int | None = None) -> float:
         """``lr``, or :func:`default_lr` for inputs of width ``d_in`` (default: ``self.d_in``)."""
         if self.lr is not None:
             return self.lr

@@ -85,6 +85,8 @@ class _Slot:
         self.dir = out_dir / "members" / member.name
         self.cfg = dataclasses.replace(member.cfg, out_dir=str(self.dir))
         self.trainer: Trainer | None = None
+        #: the width of its hook's activations, once the data is open (the default lr needs it)
+        self.d_in: int | None = None
         self.status = "running"
         self.error: str | None = None
         self.final: dict[str, Any] = {}
@@ -152,7 +154,7 @@ def _build(slots: list[_Slot], data, device, log) -> None:
     """Trainers for every member, after the group memory estimate."""
     estimates = []
     for s in slots:
-        d_in = data.dims[s.cfg.hook]
+        d_in = s.d_in = data.dims[s.cfg.hook]
         d_out = data.dims[s.cfg.hook_out] if s.cfg.hook_out else d_in
         estimates.append(
             estimate(s.cfg, d_in, d_out, optimizer_in_backward=bool(s.cfg.optimizer_in_backward))
@@ -456,8 +458,11 @@ def _evaluate_all(slots: list[_Slot], data, log) -> list[tuple[_Slot, dict[str, 
         return list(zip(slots, evaluate_targets(targets, data), strict=True))
     except (KeyboardInterrupt, SystemExit):
         raise
-    except Exception:
-        pass
+    except Exception as exc:
+        log(
+            f"shared evaluation failed ({type(exc).__name__}: {exc}); "
+            "evaluating the members one by one"
+        )
     done = []
     for s in slots:
         ev = _guard(s, lambda s=s: _evaluate(s, data), log)
@@ -512,7 +517,7 @@ def _summary_row(s: _Slot) -> dict[str, Any]:
         "hook": cfg.hook,
         "d_sae": cfg.d_sae,
         "k": cfg.k,
-        "lr": s.trainer.learning_rate if s.trainer is not None else cfg.lr,
+        "lr": cfg.lr if s.d_in is None else cfg.lr_for(s.d_in),
         "seed": cfg.seed,
         "steps": s._read_status().get("step"),
     }

@@ -282,7 +282,8 @@ def _evaluate(trainer: Trainer, data) -> dict[str, Any]:
     from fastsae.evaluate import EvalTarget
 
     cfg = trainer.cfg
-    return evaluate_targets([EvalTarget(trainer.inference_sae(), cfg.hook, cfg.hook_out)], data)[0]
+    target = EvalTarget(trainer.inference_sae(), cfg.hook, cfg.hook_out, cfg.backend)
+    return evaluate_targets([target], data)[0]
 
 
 def evaluate_targets(targets, data) -> list[dict[str, Any]]:

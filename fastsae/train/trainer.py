@@ -124,7 +124,7 @@ class Trainer:
         #: the resolved ``cfg.autocast`` ("bf16" or "none") and why (fastsae/train/precision.py)
         self.precision = resolve_precision(cfg, self.device, d_in)
         #: peak learning rate: ``cfg.lr``, or the default for this d_in and d_sae
-        self.learning_rate = cfg.learning_rate(d_in)
+        self.learning_rate = cfg.lr_for(d_in)
         k = cfg.k if cfg.architecture in TOPK_FAMILY else None
         if cfg.architecture == "topk":
             k = int(k)
@@ -558,17 +558,23 @@ class Trainer:
         B = out.recon.shape[0]
         if self.adaptive_sparsity:
             codes = out.values if out.values is not None else out.codes
-            l0 = float((codes > 0).sum()) / B
-            # Multiplicative feedback: the coefficient moves by (L0 / target) ** rate per step, a
-            # step of rate * log(L0 / target) in log space; (L0 + 1) keeps an all-zero batch finite.
-            ratio = (l0 + 1.0) / (cfg.l0_target + 1.0)
-            self.sparsity_coeff.mul_(ratio**cfg.sparsity_rate)
-            if cfg.architecture == "jumprelu":
-                sae.threshold.mul_(ratio**THRESHOLD_GAIN)  # see THRESHOLD_GAIN
+            self._adapt_sparsity(float((codes > 0).sum()) / B)
         self.since_fired += B
         self.since_fired[fired] = 0
         self.fire_counts.index_add_(0, fired.reshape(-1), torch.ones_like(fired.reshape(-1)))
         self.counted_tokens += B
+
+    @torch.no_grad()
+    def _adapt_sparsity(self, l0: float) -> None:
+        """The L1/L0 coefficient controller (relu, gated, jumprelu) and JumpReLU's threshold
+        controller, from this step's L0 (over the whole batch: every data rank's rows)."""
+        cfg = self.cfg
+        # Multiplicative feedback: the coefficient moves by (L0 / target) ** rate per step, a
+        # step of rate * log(L0 / target) in log space; (L0 + 1) keeps an all-zero batch finite.
+        ratio = (l0 + 1.0) / (cfg.l0_target + 1.0)
+        self.sparsity_coeff.mul_(ratio**cfg.sparsity_rate)
+        if cfg.architecture == "jumprelu":
+            self.scaled_sae.threshold.mul_(ratio**THRESHOLD_GAIN)  # see THRESHOLD_GAIN
 
     @torch.no_grad()
     def _metrics(

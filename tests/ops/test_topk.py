@@ -132,3 +132,21 @@ def test_select_topk_aux_over_dead_columns_equals_oracle(b, n, k, k_aux, dead_fr
     o_top, o_idx = torch.sort(dead_pre, dim=-1, descending=True, stable=True)
     assert torch.equal(aux_top, o_top[:, :k_aux])
     assert torch.equal(aux_idx, o_idx[:, :k_aux])
+
+
+def test_empty_batches_and_zero_width_codes():
+    """No rows (an empty batch) and no codes per row (k = 0) give empty results, not errors, on
+    the paths the prefilter and the CPU sampled product take."""
+    top, idx = _topk.topk_tie_exact(torch.empty(0, 2048), 32)
+    assert top.shape == idx.shape == (0, 32) and idx.dtype == torch.long
+    top, idx = _topk.topk_prefiltered(torch.empty(0, 2048), 32, blocks=66)
+    assert top.shape == idx.shape == (0, 32)
+    g, W = torch.randn(3, 8), torch.randn(16, 8)
+    assert _torch._sampled_row_dots(g, W, torch.empty(3, 0, dtype=torch.long)).shape == (3, 0)
+    assert _torch._sampled_row_dots(g[:0], W, torch.empty(0, 4, dtype=torch.long)).shape == (0, 4)
+    from fastsae.ops import use_backend
+    from fastsae.sae import SAE, SAEConfig
+
+    sae = SAE.from_config(SAEConfig(architecture="topk", d_in=8, d_sae=2048, k=32))
+    with use_backend("torch"):
+        assert sae.encode(torch.empty(0, 8)).shape == (0, 2048)

@@ -98,13 +98,18 @@ def _consolidate(tmp_path, world: int, d_sae: int) -> dict[str, torch.Tensor]:
         ("latent", 2, "topk+grad_clip"),
         ("dp", 2, "batchtopk"),
         ("dp,latent", 4, "batchtopk"),
+        ("dp", 2, "jumprelu"),
+        ("dp", 2, "gated"),
     ],
 )
 def test_same_weights_as_one_process(tmp_path, mode, world, arch):
     arch, _, option = arch.partition("+")
     # grad_clip=0.05: below the first steps' gradient norms, so the clipping scales every step.
     values = {"optimizer_in_backward": True, "grad_clip": 0.05}
-    cfg = _cfg(architecture=arch, **({option: values[option]} if option else {}))
+    over = {option: values[option]} if option else {}
+    if arch in ("jumprelu", "gated"):  # the L0 controllers, from the L0 of every rank's rows
+        over.update(k=None, target_l0=5)
+    cfg = _cfg(architecture=arch, **over)
     spawn(train_synthetic, world, mode, cfg, STEPS, str(tmp_path), timeout_s=180)
     got = _consolidate(tmp_path, world, cfg["d_sae"])
     one = train_single(cfg, STEPS)

@@ -133,14 +133,14 @@ def test_default_learning_rate_and_decoder_constraint():
     """One base learning rate for every architecture (3 x 4e-4 at 2^14 latents and d_in 512,
     scaled as 1 / sqrt(d_sae) and 1 / sqrt(d_in)); unit-norm decoder rows by default for the
     top-k family and gated, free rows for relu and jumprelu."""
-    rates = [TrainConfig(d_in=128, architecture=a, d_sae=2048).learning_rate() for a in ARCHS]
+    rates = [TrainConfig(d_in=128, architecture=a, d_sae=2048).lr_for() for a in ARCHS]
     assert rates == [pytest.approx(1.2e-3 * 2 * 8**0.5)] * len(ARCHS)
-    assert TrainConfig(d_in=2048, d_sae=2**14).learning_rate() == pytest.approx(0.6e-3)
+    assert TrainConfig(d_in=2048, d_sae=2**14).lr_for() == pytest.approx(0.6e-3)
     # the width of the activations decides when the config leaves d_in open
-    assert TrainConfig(d_sae=2**14).learning_rate(512) == pytest.approx(1.2e-3)
-    assert TrainConfig(d_sae=2**14, lr=1e-3).learning_rate(512) == 1e-3
+    assert TrainConfig(d_sae=2**14).lr_for(512) == pytest.approx(1.2e-3)
+    assert TrainConfig(d_sae=2**14, lr=1e-3).lr_for(512) == 1e-3
     with pytest.raises(ValueError, match="depends on d_in"):
-        TrainConfig(d_sae=2**14).learning_rate()
+        TrainConfig(d_sae=2**14).lr_for()
     normalized = {a: TrainConfig(d_in=8, architecture=a).decoder_normalized for a in ARCHS}
     assert normalized == {
         "topk": True,

@@ -250,11 +250,11 @@ def test_lr_schedule_warmup_constant_decay():
     assert lrs[:4] == [0.25, 0.5, 0.75, 1.0]
     assert lrs[5:10] == [1.0] * 5
     assert lrs[10] == 1.0 and lrs[15] == 0.5 and lrs[19] == pytest.approx(0.1)
-    assert TrainConfig(d_sae=2**16, d_in=64).learning_rate() == pytest.approx(
-        TrainConfig(d_sae=2**14, d_in=64).learning_rate() / 2
+    assert TrainConfig(d_sae=2**16, d_in=64).lr_for() == pytest.approx(
+        TrainConfig(d_sae=2**14, d_in=64).lr_for() / 2
     )
     assert Trainer(TrainConfig(d_sae=64, k=4), d_in=32).learning_rate == pytest.approx(
-        TrainConfig(d_sae=64, d_in=32).learning_rate()
+        TrainConfig(d_sae=64, d_in=32).lr_for()
     )
 
 
