@@ -124,6 +124,9 @@ def _sampled_row_dots(g: Tensor, W: Tensor, indices: Tensor) -> Tensor:
     if B == 0 or k == 0:
         return g.new_zeros(B, k)
     if g.device.type == "cpu" and k <= W.shape[0]:
+        few = _few_columns_dots(g, W, indices)
+        if few is not None:
+            return few
         crow = torch.arange(0, B * k + 1, k, device=indices.device)
         pattern = torch.sparse_csr_tensor(
             crow, indices.reshape(-1), g.new_zeros(B * k), (B, W.shape[0]), check_invariants=False
@@ -142,6 +145,25 @@ def _sampled_row_dots(g: Tensor, W: Tensor, indices: Tensor) -> Tensor:
     slot = first.reshape(-1).cumsum(0) - 1
     dots_sorted = unique_dots[slot].reshape(B, k)
     return torch.empty_like(dots_sorted).scatter_(-1, perm, dots_sorted)
+
+
+def _few_columns_dots(g: Tensor, W: Tensor, indices: Tensor) -> Tensor | None:
+    """:func:`_sampled_row_dots` as one dense GEMM when the ``[B, k]`` ids name at most ``k``
+    distinct rows of ``W`` (so the GEMM does no more multiply-adds than the sampled product), or
+    None. That is AuxK whenever there are at most ``k_aux`` dead latents: every row then takes all
+    of them. The CPU ``sampled_addmm`` computes each dot product alone; BLAS does the same work
+    2.5x faster (12.9 against 5.1 ms at B=1024, d=384, 192 ids of 192 columns, one thread).
+    """
+    n, k = W.shape[0], indices.shape[1]
+    present = torch.bincount(indices.reshape(-1), minlength=n) > 0
+    cols = present.nonzero().squeeze(-1)
+    if cols.numel() > k:
+        return None
+    where = torch.zeros(n, dtype=torch.long, device=indices.device)
+    where[cols] = torch.arange(cols.numel(), device=indices.device)
+    with torch.autocast(g.device.type, enabled=False):  # the dtype of g and W, as sampled_addmm
+        dense = g @ W.index_select(0, cols).T
+    return dense.gather(1, where[indices])
 
 
 # ------------------------------------------------------------------------------------------------

@@ -150,3 +150,27 @@ def test_empty_batches_and_zero_width_codes():
     sae = SAE.from_config(SAEConfig(architecture="topk", d_in=8, d_sae=2048, k=32))
     with use_backend("torch"):
         assert sae.encode(torch.empty(0, 8)).shape == (0, 2048)
+
+
+@pytest.mark.parametrize(
+    ("B", "k", "columns"),
+    [
+        (64, 12, 12),  # every row names all the columns (AuxK over few dead latents): dense GEMM
+        (64, 12, 5),  # fewer columns than ids: repeats in every row
+        (64, 12, 300),  # many columns: the sampled product
+        (3, 40, 30),  # k > columns, one row
+    ],
+)
+def test_sampled_row_dots_equals_the_gathered_products(B, k, columns):
+    torch.manual_seed(0)
+    d, n = 24, 300
+    g, W = torch.randn(B, d, dtype=torch.float64), torch.randn(n, d, dtype=torch.float64)
+    cols = torch.randperm(n)[:columns]
+    ids = cols[torch.randint(0, columns, (B, k))]
+    if columns == k:  # each row a permutation of the same columns
+        ids = torch.stack([cols[torch.randperm(k)] for _ in range(B)])
+    want = (g[:, None, :] * W[ids]).sum(-1)
+    torch.testing.assert_close(_torch._sampled_row_dots(g, W, ids), want)
+    got32 = _torch._sampled_row_dots(g.float(), W.float(), ids)
+    assert got32.dtype == torch.float32
+    torch.testing.assert_close(got32, want.float(), rtol=1e-5, atol=1e-4)
