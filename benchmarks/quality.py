@@ -283,6 +283,9 @@ def main(argv: list[str] | None = None) -> int:
     configs = [f"fastsae-{a}" for a in ARCHITECTURES] + ["fastsae-topk-bf16", *ANCHORS]
     if args.configs:
         configs = [c for c in configs if c in args.configs.split(",")]
+    # the commit and state of the code that runs, read before it runs (a long run may end after
+    # the checkout moved on)
+    env = {**environment(), "threads": args.threads}
     budgets = [int(b) for b in args.budgets.split(",")]
     widths = [int(w) for w in args.widths.split(",")]
     results = []
@@ -304,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = summarize(results)
     print(json.dumps(summary, indent=1))
     run = {
-        "environment": {**environment(), "threads": args.threads},
+        "environment": env,
         "note": "shared 2-core machine; configurations interleaved step by step",
         "results": results,
         "summary": summary,
