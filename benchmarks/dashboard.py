@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import html
+import itertools
 import json
 import re
 from pathlib import Path
@@ -36,6 +37,17 @@ DPI = 72
 COLORS = {"fastsae": "#1f77b4", "sae_lens": "#d62728", "sparsify": "#ff7f0e"}
 OTHER_COLOR = "#7f7f7f"
 FLOOR_COLOR = "#2ca02c"
+#: Quality plots: one colour per fastsae configuration (up to 7 before repeating), none of the
+#: anchors' (COLORS) so that fastsae-topk-bf16 is not drawn in sparsify's orange.
+FASTSAE_QUALITY_COLORS = (
+    "#1f77b4",
+    "#2ca02c",
+    "#9467bd",
+    "#8c564b",
+    "#e377c2",
+    "#17becf",
+    "#bcbd22",
+)
 
 
 def slug(text: str) -> str:
@@ -278,12 +290,14 @@ IMAGE_CHECK = (
 def plot_quality(result: dict[str, Any], path: Path) -> bool:
     """Held-out FVU against training seconds, one line per configuration."""
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    # fastsae's configurations in solid lines of colours no anchor uses; anchors dashed in theirs
+    own = itertools.cycle(FASTSAE_QUALITY_COLORS)
     for name, c in result["configs"].items():
         xs = [p["seconds"] for p in c["curve"]]
         ys = [p["fvu"] for p in c["curve"]]
-        style = "-" if name.startswith("fastsae") else "--"
+        mine = name.startswith("fastsae")
         ax.plot(
-            xs, ys, style, label=name, color=None if name.startswith("fastsae") else _color(name)
+            xs, ys, "-" if mine else "--", label=name, color=next(own) if mine else _color(name)
         )
     ax.set_yscale("log")
     ax.set_xlabel("training seconds (evaluation excluded)")
