@@ -4,7 +4,8 @@ A checkpoint is ``OUT/checkpoints/step-NNNNNNNN/`` holding
 
 - ``shard-00000.safetensors`` ... one per latent slab, written by that slab's data rank 0 (data
   ranks hold identical replicas): the slab's parameters (``sae/*``; replicated ones such as
-  ``b_dec`` in every shard), Adam's moments (``optim/<param>/<key>``), ``trainer/since_fired`` and
+  ``b_dec`` in every shard), Adam's moments (``optim/<param>/<key>``), the weight average
+  (``average/<param>``, when ``ema_gamma`` is set), ``trainer/since_fired`` and
   ``trainer/fire_counts`` for the slab, the scales;
 - ``state.json`` (rank 0, last): ``"format": "sharded-1"``, the counters, the data position, the
   configs, and each shard's file, latent offset and count, and tensor shapes.
@@ -49,7 +50,7 @@ def _is_sliced(key: str) -> bool:
     if key in _SLICED_COUNTERS:
         return True
     parts = key.split("/")
-    if parts[0] == "sae":
+    if parts[0] in ("sae", "average"):
         return parts[1] in (*LATENT_ROWS, "W_enc")
     if parts[0] == "optim":
         return parts[1] in (*LATENT_ROWS, "W_enc") and parts[2] != "step"
@@ -67,6 +68,10 @@ def _slab_tensors(trainer) -> dict[str, torch.Tensor]:
     for name, p in trainer.scaled_sae.named_parameters():
         for key, value in trainer.optimizer_state(p).items():
             tensors[f"optim/{name}/{key}"] = value
+    if trainer.averaged is not None:
+        names = [name for name, _ in trainer.scaled_sae.named_parameters()]
+        for name, avg in zip(names, trainer.averaged, strict=True):
+            tensors[f"average/{name}"] = avg
     tensors["trainer/since_fired"] = trainer.since_fired
     tensors["trainer/fire_counts"] = trainer.fire_counts
     tensors["trainer/in_scale"] = trainer.in_scale
@@ -203,9 +208,10 @@ class _Consolidated:
     inference_sae = Trainer.inference_sae
     save_sae = Trainer.save_sae
 
-    def __init__(self, sae, in_scale, out_scale, fire_counts, counted_tokens):
+    def __init__(self, sae, in_scale, out_scale, fire_counts, counted_tokens, averaged=None):
         self.scaled_sae, self.in_scale, self.out_scale = sae, in_scale, out_scale
         self.fire_counts, self.counted_tokens = fire_counts, counted_tokens
+        self.averaged = averaged
 
 
 def consolidated(path: str | Path) -> _Consolidated:
@@ -215,12 +221,17 @@ def consolidated(path: str | Path) -> _Consolidated:
     _, tensors = read_slab(path, 0, sae.d_sae)
     state = {k.removeprefix("sae/"): v for k, v in tensors.items() if k.startswith("sae/")}
     sae.load_state_dict(state, strict=True)
+    names = [name for name, _ in sae.named_parameters()]
+    averaged = None
+    if all(f"average/{name}" in tensors for name in names):
+        averaged = [tensors[f"average/{name}"] for name in names]
     return _Consolidated(
         sae,
         tensors["trainer/in_scale"],
         tensors["trainer/out_scale"],
         tensors["trainer/fire_counts"],
         meta["counted_tokens"],
+        averaged,
     )
 
 

@@ -28,6 +28,7 @@ from fastsae.parallel.latent import SHARDABLE, LatentShard, sharded_loss
 from fastsae.parallel.mesh import Layout, latent_slab
 from fastsae.sae import SAE
 from fastsae.train.config import TrainConfig
+from fastsae.train.memory import MemoryEstimate
 from fastsae.train.trainer import Trainer, _scale_encoder
 
 __all__ = ["DistributedTrainer", "check_parallel_config"]
@@ -77,6 +78,13 @@ class DistributedTrainer(Trainer):
         super().__init__(cfg, **kwargs)
 
     # -- construction ----------------------------------------------------------------------------
+
+    def _estimate(self, d_in: int, d_out: int, cfg: TrainConfig) -> MemoryEstimate:
+        """One rank's share (its latent slab, its ``B / dp`` rows)."""
+        from fastsae.parallel.memory import estimate_parallel
+
+        layout = self.layout
+        return estimate_parallel(cfg, d_in, d_out, layout.dp_size, layout.latent_size)
 
     @property
     def sharded(self) -> bool:

@@ -113,6 +113,10 @@ def _trainer_tensors(trainer) -> dict[str, torch.Tensor]:
     for name, p in trainer.scaled_sae.named_parameters():
         for key, value in trainer.optimizer_state(p).items():
             tensors[f"optim/{name}/{key}"] = value
+    if trainer.averaged is not None:
+        names = [name for name, _ in trainer.scaled_sae.named_parameters()]
+        for name, avg in zip(names, trainer.averaged, strict=True):
+            tensors[f"average/{name}"] = avg
     tensors["trainer/since_fired"] = trainer.since_fired
     tensors["trainer/fire_counts"] = trainer.fire_counts
     tensors["trainer/in_scale"] = trainer.in_scale
@@ -257,6 +261,14 @@ def restore_trainer_tensors(trainer, tensors: dict[str, torch.Tensor]) -> None:
         if key.startswith("optim/"):
             _, pname, skey = key.split("/", 2)
             trainer.set_optimizer_state(params[pname], skey, value)
+    # The weight average (cfg.ema_gamma), when saved; without one the next step starts it afresh.
+    names = list(params)
+    if names and all(f"average/{name}" in tensors for name in names):
+        trainer.averaged = [
+            tensors[f"average/{name}"].to(params[name].device, copy=True) for name in names
+        ]
+    else:
+        trainer.averaged = None
     trainer.since_fired.copy_(tensors["trainer/since_fired"])
     trainer.fire_counts.copy_(tensors["trainer/fire_counts"])
     trainer.in_scale = tensors["trainer/in_scale"].clone()

@@ -136,6 +136,14 @@ class TrainConfig:
     the run, with a warning). None: 1 percent of the run's steps."""
     decay_start: float = 0.8
     """Fraction of training after which the learning rate decays linearly to 0."""
+    ema_gamma: float | None = 15.0
+    """Average the weights over the run with the power-function EMA of Karras et al. (2024,
+    "Analyzing and Improving the Training Dynamics of Diffusion Models", eq. 3): after step t,
+    ``avg += (1 - (1 - 1/t) ** (ema_gamma + 1)) * (w - avg)``, an average over roughly the last
+    ``1 / (ema_gamma + 1)`` of the steps so far, so it suits a run of any length. The SAE a run
+    gives (``trainer.sae``, ``inference_sae``, saved SAEs, evaluations) is the average; training
+    itself steps the raw weights. None: no average, and one copy of the weights less
+    (docs/training.md, "Weight averaging")."""
     grad_clip: float | None = None
     """Clip the global gradient norm to this value; None: no clipping."""
     optimizer_in_backward: bool | None = None
@@ -254,6 +262,12 @@ class TrainConfig:
             raise ValueError(f"lr={self.lr} must be > 0")
         if not 0 <= self.decay_start <= 1:
             raise ValueError(f"decay_start={self.decay_start} must be in [0, 1]")
+        if self.ema_gamma is not None and not (
+            isinstance(self.ema_gamma, (int, float))
+            and not isinstance(self.ema_gamma, bool)
+            and 0 <= self.ema_gamma < math.inf
+        ):
+            raise ValueError(f"ema_gamma={self.ema_gamma!r} must be None or a finite number >= 0")
         if self.keep_checkpoints < 1:
             raise ValueError(f"keep_checkpoints={self.keep_checkpoints} must be >= 1")
         if self.optimizer_in_backward and self.grad_clip is not None:

@@ -6,6 +6,7 @@ All figures are bytes. The estimate counts what fastsae itself allocates on the 
   vectors, in the parameter dtype;
 - grads: the same again (``optimizer_in_backward`` keeps only one matrix's gradient at a time);
 - Adam: two fp32 moments per parameter;
+- the weight average (``ema_gamma``): one more copy of the parameters, fp32 for 16-bit weights;
 - activations: the batch and its reconstruction, the sparse codes, and the encoder's working set
   (one latent slab of ``B x slab`` pre-activations for the top-k family; several dense
   ``[B, d_sae]`` tensors for relu/jumprelu/gated, which need them for their penalties).
@@ -38,10 +39,11 @@ class MemoryEstimate:
     adam: int
     activations: int
     host_buffer: int
+    average: int = 0
 
     @property
     def device_total(self) -> int:
-        return self.weights + self.grads + self.adam + self.activations
+        return self.weights + self.grads + self.adam + self.average + self.activations
 
     def describe(self) -> str:
         parts = [
@@ -50,6 +52,8 @@ class MemoryEstimate:
             f"Adam {self.adam / GiB:.2f} GiB",
             f"activations {self.activations / GiB:.2f} GiB",
         ]
+        if self.average:
+            parts.insert(3, f"weight average {self.average / GiB:.2f} GiB")
         return (
             f"{self.device_total / GiB:.2f} GiB on the device ({', '.join(parts)}); "
             f"shuffler buffer {self.host_buffer / GiB:.2f} GiB on the host"
@@ -78,6 +82,7 @@ def estimate(cfg, d_in: int, d_out: int, *, optimizer_in_backward: bool = False)
         weights=params * size,
         grads=grads,
         adam=2 * params * 4,
+        average=params * max(size, 4) if cfg.ema_gamma is not None else 0,
         activations=acts,
         # The shuffler holds buffer_tokens rows plus up to half as many spare rows being refilled.
         host_buffer=(cfg.buffer_tokens + cfg.buffer_tokens // 2)
@@ -109,6 +114,7 @@ def estimate_group(estimates: list[MemoryEstimate], host_buffer: int) -> MemoryE
         weights=sum(e.weights for e in estimates),
         grads=sum(e.grads for e in estimates),
         adam=sum(e.adam for e in estimates),
+        average=sum(e.average for e in estimates),
         activations=max((e.activations for e in estimates), default=0),
         host_buffer=host_buffer,
     )

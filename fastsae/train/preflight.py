@@ -151,8 +151,16 @@ def check_memory(
 
     On the CPU the device *is* the host: the SAE's state and the shuffler's buffer share it."""
     mem = estimate(cfg, d_in, d_out, optimizer_in_backward=bool(cfg.optimizer_in_backward))
-    log(f"memory estimate: {mem.describe()}")
     host_free = available_bytes(torch.device("cpu"))
+    free = host_free - mem.host_buffer if device.type == "cpu" else available_bytes(device)
+    if mem.average and mem.device_total > free:
+        # The trainer drops the weight average when it does not fit (Trainer._plan_memory).
+        log(
+            f"the weight average ({mem.average / GiB:.1f} GiB) does not fit: the run trains "
+            "without it and serves the raw weights"
+        )
+        mem.average = 0
+    log(f"memory estimate: {mem.describe()}")
     if device.type == "cpu":
         need = mem.device_total + mem.host_buffer
         if need > host_free:
@@ -162,7 +170,6 @@ def check_memory(
                 "d_sae or batch_size"
             )
         return mem
-    free = available_bytes(device)
     if mem.device_total > free:
         raise MemoryError(
             f"this run needs about {mem.device_total / GiB:.1f} GiB on {device} but "

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import math
 import time
 import warnings
@@ -35,6 +36,7 @@ from fastsae import reference as ref
 from fastsae.config import TOPK_FAMILY, SAEConfig
 from fastsae.sae import SAE
 from fastsae.train.config import TrainConfig
+from fastsae.train.memory import MemoryEstimate, available_bytes, estimate
 from fastsae.train.precision import resolve_precision
 
 __all__ = ["NonFiniteLossError", "Trainer", "geometric_median", "resolve_device"]
@@ -146,13 +148,9 @@ class Trainer:
         self.scaled_sae: SAE = self._build_sae(sae_cfg)
         self.scaled_sae.cfg.metadata["precision"] = self.precision._asdict()
         self.optimizer_in_backward = bool(cfg.optimizer_in_backward)
-        if cfg.optimizer_in_backward is None:
-            from fastsae.train.memory import available_bytes, estimate
-
-            need = estimate(cfg, d_in, d_out).device_total
-            self.optimizer_in_backward = cfg.grad_clip is None and need > 0.85 * available_bytes(
-                self.device
-            )
+        #: gamma of the power-function weight average (``cfg.ema_gamma``; None: off)
+        self.average_gamma = cfg.ema_gamma
+        self._plan_memory(d_in, d_out)
         self._build_optimizers()
         self.step_count = 0
         self.tokens = 0
@@ -177,6 +175,41 @@ class Trainer:
                 stacklevel=2,
             )
         self._warned_past_end = False
+        #: the averaged parameters, in ``scaled_sae.parameters()`` order; None before the first
+        #: step or without averaging
+        self.averaged: list[Tensor] | None = None
+
+    def _estimate(self, d_in: int, d_out: int, cfg: TrainConfig) -> MemoryEstimate:
+        """Device memory of this trainer's share of a run of ``cfg`` (fastsae/parallel overrides
+        it with one rank's share)."""
+        return estimate(cfg, d_in, d_out, optimizer_in_backward=bool(cfg.optimizer_in_backward))
+
+    def _plan_memory(self, d_in: int, d_out: int) -> None:
+        """The two memory-dependent choices, against 85% of the device's free memory:
+        ``optimizer_in_backward`` left at None turns on when the plain step would not fit, and the
+        weight average is dropped, with a warning, when it alone would not fit (at 2^20 latents
+        and d 2304 it is 18 GiB: docs/training.md, "Memory")."""
+        cfg = self.cfg
+        if cfg.optimizer_in_backward is None and cfg.ema_gamma is None:
+            return
+        budget = 0.85 * available_bytes(self.device)
+        plain = dataclasses.replace(cfg, ema_gamma=None, optimizer_in_backward=False)
+        if cfg.optimizer_in_backward is None:
+            need = self._estimate(d_in, d_out, plain).device_total
+            self.optimizer_in_backward = cfg.grad_clip is None and need > budget
+        if cfg.ema_gamma is not None:
+            chosen = dataclasses.replace(cfg, optimizer_in_backward=self.optimizer_in_backward)
+            mem = self._estimate(d_in, d_out, chosen)
+            if mem.device_total > budget:
+                warnings.warn(
+                    f"the weight average (ema_gamma={cfg.ema_gamma}) needs "
+                    f"{mem.average / 2**30:.1f} GiB more than fits on {self.device} "
+                    f"({mem.describe()}; 85% of free memory is {budget / 2**30:.1f} GiB): "
+                    "training without it, so the raw weights are served; set ema_gamma=None to "
+                    "silence this",
+                    stacklevel=3,
+                )
+                self.average_gamma = None
 
     def _build_sae(self, sae_cfg: SAEConfig) -> SAE:
         """The SAE, seeded and on the device (fastsae/parallel overrides this to keep a slab)."""
@@ -533,6 +566,9 @@ class Trainer:
             self._after_update(result.output)
         self.step_count += 1
         self.tokens += x.shape[0]
+        if self.average_gamma is not None:
+            with nvtx.annotate("weight average", color="purple"):
+                self._update_average()
         return self._metrics(result, x if y is None else y, dead, grad_norm)
 
     @torch.no_grad()
@@ -563,6 +599,24 @@ class Trainer:
         self.since_fired[fired] = 0
         self.fire_counts.index_add_(0, fired.reshape(-1), torch.ones_like(fired.reshape(-1)))
         self.counted_tokens += B
+
+    @torch.no_grad()
+    def _update_average(self) -> None:
+        """``avg += w_t * (param - avg)`` with ``w_t = 1 - (1 - 1/t) ** (gamma + 1)`` after step
+        ``t``: the power-function EMA (Karras et al. 2024, eq. 3), whose window grows with the
+        run. The first call copies the weights (``w_1 = 1``), as does the first step after
+        resuming from a checkpoint without an average. Averages of 16-bit weights are fp32."""
+        params = [p.detach() for p in self.scaled_sae.parameters()]
+        if self.averaged is None:
+            self.averaged = [p.to(_average_dtype(p.dtype), copy=True) for p in params]
+            return
+        t = max(self.step_count, 1)
+        weight = 1.0 - (1.0 - 1.0 / t) ** (self.average_gamma + 1.0)
+        if all(a.dtype == p.dtype for a, p in zip(self.averaged, params, strict=True)):
+            torch._foreach_lerp_(self.averaged, params, weight)
+        else:
+            for a, p in zip(self.averaged, params, strict=True):
+                a.lerp_(p.to(a.dtype), weight)
 
     @torch.no_grad()
     def _adapt_sparsity(self, l0: float) -> None:
@@ -626,8 +680,12 @@ class Trainer:
     @torch.no_grad()
     def inference_sae(self) -> SAE:
         """A copy of the SAE with the input/output scaling folded into its weights, in eval mode:
-        it reads and writes activations in the model's own units."""
+        it reads and writes activations in the model's own units. Its weights are the run's weight
+        average (``cfg.ema_gamma``) when there is one, else the raw weights."""
         sae = copy.deepcopy(self.scaled_sae).eval()
+        if self.averaged is not None:
+            for p, avg in zip(sae.parameters(), self.averaged, strict=True):
+                p.copy_(avg)
         s_in, s_out = float(self.in_scale), float(self.out_scale)
         # pre = (s_in x - b_dec) W + b  = (x - b_dec / s_in) (s_in W) + b  (b_dec lives in output
         # space; for an SAE s_in == s_out). recon_raw = recon / s_out.
@@ -642,6 +700,12 @@ class Trainer:
         """Write the inference SAE (scaling folded) with its ``sparsity.safetensors``."""
         sparsity = torch.log10(self.feature_density() + 1e-10).float()
         return self.inference_sae().save(path, sparsity=sparsity)
+
+
+def _average_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a weight average is kept in: fp32 for 16-bit weights (a bf16 average would round
+    away the small per-step updates), else the weights' own."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def _check_batch(name: str, t: Tensor, width: int) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -80,6 +81,15 @@ def test_step_works_for_every_architecture_and_transcoders(arch, shape):
         assert_close(trainer.scaled_sae.W_dec.norm(dim=-1), torch.ones(96))
 
 
+def averaged_copy(trainer):
+    """The training module (scaled units) holding the trainer's weight average."""
+    module = copy.deepcopy(trainer.scaled_sae)
+    with torch.no_grad():
+        for p, avg in zip(module.parameters(), trainer.averaged, strict=True):
+            p.copy_(avg)
+    return module
+
+
 def _run(cfg, start, stop, trainer=None):
     trainer = trainer or Trainer(cfg)
     for i in range(start, stop):
@@ -103,6 +113,8 @@ def test_resume_is_exact(tmp_path, arch, optimizer_in_backward):
         strict=True,
     ):
         assert torch.equal(a, b), f"{name} differs after resume"
+    for a, b in zip(straight.averaged, second.averaged, strict=True):
+        assert torch.equal(a, b), "the weight average differs after resume"
     assert torch.equal(straight.since_fired, second.since_fired)
     assert straight.step_count == second.step_count == 10
 
@@ -206,9 +218,10 @@ def test_saved_sae_loads_in_saelens_with_identical_outputs(tmp_path):
     with torch.no_grad(), ops.use_backend("reference"):
         assert_close(sl.encode(x), ours.encode(x))
         assert_close(sl(x), ours(x).recon)
-        # the saved SAE reads raw activations: the input scaling is folded in
+        # the saved SAE is the weight average and reads raw activations: the scaling is folded in
         scaled = (
-            trainer.scaled_sae(x.float() * trainer.in_scale.item()).recon / trainer.out_scale.item()
+            averaged_copy(trainer)(x.float() * trainer.in_scale.item()).recon
+            / trainer.out_scale.item()
         )
         assert_close(ours(x).recon, scaled)
     sparsity = json.loads((tmp_path / "sae" / "cfg.json").read_text())

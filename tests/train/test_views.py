@@ -16,6 +16,7 @@ import fastsae
 from fastsae import ops
 from fastsae.train import TrainConfig, Trainer
 from tests.tolerances import assert_close
+from tests.train.test_trainer import averaged_copy
 
 
 def _batch(i: int, B: int = 128, d: int = 24) -> torch.Tensor:
@@ -75,17 +76,15 @@ def test_trainer_sae_reads_raw_activations(tmp_path, architecture):
     with torch.no_grad():
         assert_close(view.encode(x), saved.encode(x))
         assert_close(view(x).recon, saved(x).recon)
-        # the same codes as the training module on scaled inputs
-        scaled = trainer.scaled_sae.eval()
+        # the same codes as the training module (with the averaged weights) on scaled inputs
+        scaled = averaged_copy(trainer).eval()
         assert_close(view.encode(x), scaled.encode(x * trainer.in_scale.item()))
-        scaled.train()
     # the reconstruction is in raw units: its FVU on x is the training module's on scaled x
     s = trainer.in_scale.item()
     with torch.no_grad():
         raw_fvu = fastsae.reference.fvu(view(x).recon.double(), x.double())
-        scaled = trainer.scaled_sae.eval()
+        scaled = averaged_copy(trainer).eval()
         scaled_fvu = fastsae.reference.fvu(scaled(x * s).recon.double(), (x * s).double())
-        scaled.train()
     # fp32 weights and inputs: the two FVUs agree to fp32 precision, not float64
     assert abs(float(raw_fvu) - float(scaled_fvu)) < 1e-4
 
