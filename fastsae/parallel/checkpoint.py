@@ -72,6 +72,7 @@ def _slab_tensors(trainer) -> dict[str, torch.Tensor]:
         names = [name for name, _ in trainer.scaled_sae.named_parameters()]
         for name, avg in zip(names, trainer.averaged, strict=True):
             tensors[f"average/{name}"] = avg
+        tensors["trainer/averaged_step"] = torch.tensor(trainer.averaged_step)
     tensors["trainer/since_fired"] = trainer.since_fired
     tensors["trainer/fire_counts"] = trainer.fire_counts
     tensors["trainer/in_scale"] = trainer.in_scale
@@ -207,11 +208,16 @@ class _Consolidated:
     feature_density = Trainer.feature_density
     inference_sae = Trainer.inference_sae
     save_sae = Trainer.save_sae
+    averaged_weights = Trainer.averaged_weights
+    _fold_weight = Trainer._fold_weight
 
-    def __init__(self, sae, in_scale, out_scale, fire_counts, counted_tokens, averaged=None):
+    def __init__(self, sae, in_scale, out_scale, fire_counts, counted_tokens, average=None):
         self.scaled_sae, self.in_scale, self.out_scale = sae, in_scale, out_scale
         self.fire_counts, self.counted_tokens = fire_counts, counted_tokens
-        self.averaged = averaged
+        # (averaged, averaged_step, step_count, average_gamma), or None: the raw weights
+        averaged, averaged_step, step_count, gamma = average or (None, 0, 0, None)
+        self.averaged, self.averaged_step = averaged, averaged_step
+        self.step_count, self.average_gamma = step_count, gamma
 
 
 def consolidated(path: str | Path) -> _Consolidated:
@@ -221,17 +227,25 @@ def consolidated(path: str | Path) -> _Consolidated:
     _, tensors = read_slab(path, 0, sae.d_sae)
     state = {k.removeprefix("sae/"): v for k, v in tensors.items() if k.startswith("sae/")}
     sae.load_state_dict(state, strict=True)
-    names = [name for name, _ in sae.named_parameters()]
-    averaged = None
-    if all(f"average/{name}" in tensors for name in names):
-        averaged = [tensors[f"average/{name}"] for name in names]
+    params = dict(sae.named_parameters())
+    average = None  # none, or a partial one (ranks of which some dropped it): the raw weights
+    if all(
+        f"average/{name}" in tensors and tensors[f"average/{name}"].shape == p.shape
+        for name, p in params.items()
+    ):
+        average = (
+            [tensors[f"average/{name}"] for name in params],
+            int(tensors["trainer/averaged_step"]),
+            meta["step"],
+            meta["config"]["ema_gamma"],
+        )
     return _Consolidated(
         sae,
         tensors["trainer/in_scale"],
         tensors["trainer/out_scale"],
         tensors["trainer/fire_counts"],
         meta["counted_tokens"],
-        averaged,
+        average,
     )
 
 

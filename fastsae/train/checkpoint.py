@@ -117,6 +117,7 @@ def _trainer_tensors(trainer) -> dict[str, torch.Tensor]:
         names = [name for name, _ in trainer.scaled_sae.named_parameters()]
         for name, avg in zip(names, trainer.averaged, strict=True):
             tensors[f"average/{name}"] = avg
+        tensors["trainer/averaged_step"] = torch.tensor(trainer.averaged_step)
     tensors["trainer/since_fired"] = trainer.since_fired
     tensors["trainer/fire_counts"] = trainer.fire_counts
     tensors["trainer/in_scale"] = trainer.in_scale
@@ -263,10 +264,15 @@ def restore_trainer_tensors(trainer, tensors: dict[str, torch.Tensor]) -> None:
             trainer.set_optimizer_state(params[pname], skey, value)
     # The weight average (cfg.ema_gamma), when saved; without one the next step starts it afresh.
     names = list(params)
-    if names and all(f"average/{name}" in tensors for name in names):
+    # (a sharded checkpoint of ranks of which some dropped it holds a partial one: not used)
+    if names and all(
+        f"average/{name}" in tensors and tensors[f"average/{name}"].shape == params[name].shape
+        for name in names
+    ):
         trainer.averaged = [
             tensors[f"average/{name}"].to(params[name].device, copy=True) for name in names
         ]
+        trainer.averaged_step = int(tensors["trainer/averaged_step"])
     else:
         trainer.averaged = None
     trainer.since_fired.copy_(tensors["trainer/since_fired"])

@@ -175,9 +175,10 @@ class Trainer:
                 stacklevel=2,
             )
         self._warned_past_end = False
-        #: the averaged parameters, in ``scaled_sae.parameters()`` order; None before the first
-        #: step or without averaging
+        #: the averaged parameters, in ``scaled_sae.parameters()`` order, as of step
+        #: ``averaged_step``; None before the first step or without averaging
         self.averaged: list[Tensor] | None = None
+        self.averaged_step = 0
 
     def _estimate(self, d_in: int, d_out: int, cfg: TrainConfig) -> MemoryEstimate:
         """Device memory of this trainer's share of a run of ``cfg`` (fastsae/parallel overrides
@@ -602,21 +603,47 @@ class Trainer:
 
     @torch.no_grad()
     def _update_average(self) -> None:
-        """``avg += w_t * (param - avg)`` with ``w_t = 1 - (1 - 1/t) ** (gamma + 1)`` after step
-        ``t``: the power-function EMA (Karras et al. 2024, eq. 3), whose window grows with the
-        run. The first call copies the weights (``w_1 = 1``), as does the first step after
-        resuming from a checkpoint without an average. Averages of 16-bit weights are fp32."""
+        """Fold the weights into the average after step ``t = step_count``.
+
+        The power-function EMA (Karras et al. 2024, eq. 3) is ``avg_t = beta_t avg_{t-1} +
+        (1 - beta_t) w_t`` with ``beta_t = (1 - 1/t) ** (gamma + 1)``. The product of the betas
+        of steps ``s + 1 .. t`` telescopes to ``(s / t) ** (gamma + 1)``, so the average can skip
+        steps: folding in ``w_t`` at step ``t`` with weight ``1 - (s / t) ** (gamma + 1)``, ``s``
+        the last folded step, is exact when the weights did not move in between and close when
+        they moved little. It folds every ``t / (16 (gamma + 1))`` steps (every step early on):
+        16 samples per window (about ``t / (gamma + 1)`` steps), so a long run pays for one
+        ``lerp`` over the parameters every few dozen steps instead of every step. The served
+        weights (:meth:`averaged_weights`) fold in the current step, so they are never stale.
+        The first call copies the weights, as does the first after resuming from a checkpoint
+        without an average. Averages of 16-bit weights are fp32."""
         params = [p.detach() for p in self.scaled_sae.parameters()]
+        t = self.step_count
         if self.averaged is None:
             self.averaged = [p.to(_average_dtype(p.dtype), copy=True) for p in params]
+            self.averaged_step = t
             return
-        t = max(self.step_count, 1)
-        weight = 1.0 - (1.0 - 1.0 / t) ** (self.average_gamma + 1.0)
-        if all(a.dtype == p.dtype for a, p in zip(self.averaged, params, strict=True)):
-            torch._foreach_lerp_(self.averaged, params, weight)
-        else:
-            for a, p in zip(self.averaged, params, strict=True):
-                a.lerp_(p.to(a.dtype), weight)
+        every = max(1, int(t // (AVERAGE_SAMPLES * (self.average_gamma + 1.0))))
+        if t - self.averaged_step < every:
+            return
+        _lerp_all(self.averaged, params, self._fold_weight(t))
+        self.averaged_step = t
+
+    def _fold_weight(self, t: int) -> float:
+        """The weight of ``w_t`` in the average when the last folded step was ``averaged_step``."""
+        return 1.0 - (self.averaged_step / t) ** (self.average_gamma + 1.0)
+
+    @torch.no_grad()
+    def averaged_weights(self) -> list[Tensor] | None:
+        """The weight average as of the current step (the stored average with the current
+        weights folded in, in the parameters' dtypes), in ``scaled_sae.parameters()`` order; None
+        without averaging or before the first step."""
+        if self.averaged is None:
+            return None
+        params = [p.detach() for p in self.scaled_sae.parameters()]
+        out = [a.clone() for a in self.averaged]
+        if self.averaged_step < self.step_count and self.average_gamma is not None:
+            _lerp_all(out, params, self._fold_weight(self.step_count))
+        return [o.to(p.dtype) for o, p in zip(out, params, strict=True)]
 
     @torch.no_grad()
     def _adapt_sparsity(self, l0: float) -> None:
@@ -683,8 +710,9 @@ class Trainer:
         it reads and writes activations in the model's own units. Its weights are the run's weight
         average (``cfg.ema_gamma``) when there is one, else the raw weights."""
         sae = copy.deepcopy(self.scaled_sae).eval()
-        if self.averaged is not None:
-            for p, avg in zip(sae.parameters(), self.averaged, strict=True):
+        averaged = self.averaged_weights()
+        if averaged is not None:
+            for p, avg in zip(sae.parameters(), averaged, strict=True):
                 p.copy_(avg)
         s_in, s_out = float(self.in_scale), float(self.out_scale)
         # pre = (s_in x - b_dec) W + b  = (x - b_dec / s_in) (s_in W) + b  (b_dec lives in output
@@ -700,6 +728,19 @@ class Trainer:
         """Write the inference SAE (scaling folded) with its ``sparsity.safetensors``."""
         sparsity = torch.log10(self.feature_density() + 1e-10).float()
         return self.inference_sae().save(path, sparsity=sparsity)
+
+
+#: Average samples per window of the weight average (see ``Trainer._update_average``).
+AVERAGE_SAMPLES = 16
+
+
+def _lerp_all(averaged: list[Tensor], params: list[Tensor], weight: float) -> None:
+    """``a += weight * (p - a)`` for every pair (fp32 averages of 16-bit weights included)."""
+    if all(a.dtype == p.dtype for a, p in zip(averaged, params, strict=True)):
+        torch._foreach_lerp_(averaged, params, weight)
+    else:
+        for a, p in zip(averaged, params, strict=True):
+            a.lerp_(p.to(a.dtype), weight)
 
 
 def _average_dtype(dtype: torch.dtype) -> torch.dtype:

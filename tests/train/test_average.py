@@ -137,3 +137,48 @@ def test_preflight_counts_the_average_only_when_it_fits(monkeypatch):
     lines.clear()
     got = preflight.check_memory(cfg, 24, 24, torch.device("cpu"), lines.append)
     assert got.average == mem.average and "weight average" in lines[0]
+
+
+def test_a_long_run_folds_the_weights_in_sparsely_and_serves_the_exact_ema():
+    # gamma 0: the running mean. Weights w0 at step 1, then w1 for steps 2..T: the served
+    # average is w0 / T + w1 (1 - 1/T) exactly, whichever steps the trainer folded in.
+    trainer = Trainer(small_cfg(ema_gamma=0.0, dtype="float64"))
+    trainer.step_count = 1
+    trainer._update_average()
+    w0 = _raw(trainer)
+    with torch.no_grad():
+        for p in trainer.scaled_sae.parameters():
+            p.add_(1.0)
+    folds = 0
+    for t in range(2, 201):
+        trainer.step_count = t
+        before = trainer.averaged_step
+        trainer._update_average()
+        folds += trainer.averaged_step != before
+        # never staler than 1/16 of the window (t / (gamma + 1) steps)
+        assert t - trainer.averaged_step < max(1, t / 16)
+    assert folds == 62  # every step up to t = 32, then every t // 16 steps; the last at 191
+    served = trainer.averaged_weights()
+    for a, w in zip(served, w0, strict=True):
+        torch.testing.assert_close(a, w / 200 + (w + 1) * (1 - 1 / 200), rtol=1e-12, atol=1e-12)
+    # the stored average is as of step 191; the served one folds in step 200's weights
+    assert trainer.averaged_step == 191
+    stored = trainer.averaged[0]
+    assert not torch.allclose(stored, served[0], rtol=0, atol=1e-6)
+
+
+def test_resume_between_sparse_folds_is_exact(tmp_path):
+    from fastsae.train import load_checkpoint, save_checkpoint
+
+    cfg = small_cfg(ema_gamma=0.0, total_tokens=128 * 60)
+    straight = _run(cfg, 0, 60)
+    first = _run(cfg, 0, 38)
+    assert first.averaged_step == 37  # step 38 was not folded in: the stored average is older
+    path = save_checkpoint(first, tmp_path)
+    second = Trainer(cfg)
+    load_checkpoint(second, path)
+    assert second.averaged_step == 37
+    _run(cfg, 38, 60, second)
+    assert straight.averaged_step == second.averaged_step
+    for a, b in zip(straight.averaged_weights(), second.averaged_weights(), strict=True):
+        assert torch.equal(a, b)
