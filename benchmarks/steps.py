@@ -37,7 +37,11 @@ def _fastsae_trainer(
 
     def state_bytes() -> int:
         return owned_bytes(
-            trainer.scaled_sae, trainer.optimizers, trainer.since_fired, trainer.fire_counts
+            trainer.scaled_sae,
+            trainer.optimizers,
+            trainer.since_fired,
+            trainer.fire_counts,
+            trainer.averaged,  # the weight average (ema_gamma), one more copy of the weights
         )
 
     return StepProvider(lambda: trainer.step(x), state_bytes)

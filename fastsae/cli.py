@@ -76,6 +76,8 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, prefix: 
             else (f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
         )
         convert = _bool if kind is bool else kind if kind in (int, float, str) else str
+        if kind in (int, float, bool) and _is_optional(hints[f.name]):
+            convert = _or_none(convert)
         flag = "--" + prefix + f.name.replace("_", "-")
         choices = None
         if typing.get_origin(_strip_optional(hints[f.name])) is typing.Literal:
@@ -90,6 +92,21 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, prefix: 
             metavar=None if choices else f.name.upper(),
             help=f"{docs.get(f.name, '')} (default: {default!r})",
         )
+
+
+def _is_optional(annotation: Any) -> bool:
+    origin = typing.get_origin(annotation)
+    return origin in (typing.Union, types.UnionType) and type(None) in typing.get_args(annotation)
+
+
+def _or_none(convert):
+    """``convert``, with ``none`` / ``null`` (any case) for None: ``--ema-gamma none``."""
+
+    def parse(text: str):
+        return None if text.lower() in ("none", "null") else convert(text)
+
+    parse.__name__ = getattr(convert, "__name__", "value")  # argparse names it in errors
+    return parse
 
 
 def _strip_optional(annotation: Any) -> Any:

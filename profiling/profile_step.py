@@ -18,6 +18,7 @@ Runs ``--warmup`` untimed steps, then ``--steps`` steps of the real ``Trainer.st
 ``sae.backward``           autograd through the sparse kernels
 ``optimizer``              decoder-gradient projection and Adam
 ``bookkeeping``            decoder renormalisation and the firing statistics
+``weight average``         folding the weights into the average (every t / (16 (gamma + 1)) steps)
 ``fastsae.shuffler.fill``  the shuffler's fill thread writing source rows into its buffer
 ``fastsae.shuffler.gather`` its batch thread gathering a batch
 
@@ -55,6 +56,7 @@ PHASES = [
     ("sae.backward", "backward", 1),
     ("optimizer", "optimizer", 1),
     ("bookkeeping", "bookkeeping", 1),
+    ("weight average", "weight average", 1),
 ]
 #: Labels of known background-thread ranges; others are listed under their own name.
 BACKGROUND = {

@@ -209,6 +209,7 @@ class _Consolidated:
     inference_sae = Trainer.inference_sae
     save_sae = Trainer.save_sae
     averaged_weights = Trainer.averaged_weights
+    _write_average = Trainer._write_average
     _fold_weight = Trainer._fold_weight
 
     def __init__(self, sae, in_scale, out_scale, fire_counts, counted_tokens, average=None):

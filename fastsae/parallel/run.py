@@ -34,7 +34,7 @@ from fastsae.parallel.mesh import PeerFailure, init_layout, peer_failure
 from fastsae.parallel.trainer import DistributedTrainer
 from fastsae.train.checkpoint import CheckpointError, latest_checkpoint
 from fastsae.train.config import TrainConfig
-from fastsae.train.memory import available_bytes
+from fastsae.train.memory import PLAN_SHARE, available_bytes
 
 __all__ = ["run_parallel"]
 
@@ -96,6 +96,16 @@ def _run(cfg, layout, resume, stop_after_steps, say) -> dict:
         mem = estimate_parallel(cfg, d_in, d_out, layout.dp_size, layout.latent_size)
         say(f"memory estimate per rank: {mem.describe()}")
         free = available_bytes(layout.device)
+        world = None if layout.world == 1 else dist.group.WORLD
+        if mem.average:
+            # Every rank drops the weight average if one must (DistributedTrainer decides alike).
+            over = torch.tensor([float(mem.device_total > PLAN_SHARE * free)], device=layout.device)
+            if all_reduce(over, world, "max").item():
+                say(
+                    f"the weight average ({mem.average / GiB:.1f} GiB per rank) does not fit on "
+                    "every rank: the run trains without it and serves the raw weights"
+                )
+                mem.average = 0
         short = torch.tensor([float(mem.device_total > free)], device=layout.device)
         if all_reduce(short, None if layout.world == 1 else dist.group.WORLD, "max").item():
             raise MemoryError(

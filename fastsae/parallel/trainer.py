@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from fastsae.config import SAEConfig
@@ -78,6 +79,15 @@ class DistributedTrainer(Trainer):
         super().__init__(cfg, **kwargs)
 
     # -- construction ----------------------------------------------------------------------------
+
+    def _plan_memory(self, d_in: int, d_out: int) -> None:
+        """As one process, but the weight average is dropped on every rank if one rank must drop
+        it (a partial average could be neither exported nor resumed)."""
+        super()._plan_memory(d_in, d_out)
+        if self.layout.world > 1 and self.cfg.ema_gamma is not None:
+            dropped = torch.tensor([float(self.average_gamma is None)], device=self.layout.device)
+            if all_reduce(dropped, dist.group.WORLD, "max").item():
+                self.average_gamma = None
 
     def _estimate(self, d_in: int, d_out: int, cfg: TrainConfig) -> MemoryEstimate:
         """One rank's share (its latent slab, its ``B / dp`` rows)."""

@@ -264,13 +264,22 @@ def restore_trainer_tensors(trainer, tensors: dict[str, torch.Tensor]) -> None:
             trainer.set_optimizer_state(params[pname], skey, value)
     # The weight average (cfg.ema_gamma), when saved; without one the next step starts it afresh.
     names = list(params)
-    # (a sharded checkpoint of ranks of which some dropped it holds a partial one: not used)
-    if names and all(
-        f"average/{name}" in tensors and tensors[f"average/{name}"].shape == params[name].shape
-        for name in names
+    # Not when this run keeps no average (turned off, or dropped for memory on this machine);
+    # a sharded checkpoint of ranks of which some dropped it holds a partial one: not used.
+    if (
+        trainer.average_gamma is not None
+        and names
+        and all(
+            f"average/{name}" in tensors and tensors[f"average/{name}"].shape == params[name].shape
+            for name in names
+        )
     ):
+        # in each parameter's own layout (W_enc is a transposed view), so folds stay fast
         trainer.averaged = [
-            tensors[f"average/{name}"].to(params[name].device, copy=True) for name in names
+            torch.empty_like(params[name], dtype=tensors[f"average/{name}"].dtype).copy_(
+                tensors[f"average/{name}"]
+            )
+            for name in names
         ]
         trainer.averaged_step = int(tensors["trainer/averaged_step"])
     else:

@@ -54,7 +54,7 @@ import torch
 from fastsae import ops
 from fastsae.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from fastsae.train.config import TrainConfig
-from fastsae.train.memory import available_bytes, estimate, estimate_group
+from fastsae.train.memory import PLAN_SHARE, available_bytes, estimate, estimate_group
 from fastsae.train.sweep import Member
 from fastsae.train.trainer import NonFiniteLossError, Trainer, resolve_device
 
@@ -163,6 +163,14 @@ def _build(slots: list[_Slot], data, device, log) -> None:
     mem = estimate_group(estimates, host)
     log(f"group memory estimate ({len(slots)} SAEs): {mem.describe()}")
     free = available_bytes(device)
+    # Weight averages first: drop them all (as one process would) when the group does not fit.
+    drop_averages = mem.average > 0 and mem.device_total > PLAN_SHARE * free
+    if drop_averages:
+        log(
+            f"the members' weight averages ({mem.average / GiB:.1f} GiB) do not fit: the group "
+            "trains without them and serves the raw weights"
+        )
+        mem.average = 0
     if mem.device_total > free:
         worst = max(range(len(slots)), key=lambda i: estimates[i].device_total)
         raise MemoryError(
@@ -183,6 +191,8 @@ def _build(slots: list[_Slot], data, device, log) -> None:
             hook_name_out=s.cfg.hook_out,
             model_name=data.model_name,
         )
+        if drop_averages:
+            s.trainer.average_gamma = None
 
 
 def _write_group_file(slots: list[_Slot], out_dir: Path, data_seed: int) -> None:

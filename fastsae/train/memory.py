@@ -27,9 +27,12 @@ import torch
 from fastsae.config import TOPK_FAMILY, dtype_from_name
 from fastsae.ops._torch import SLAB_ELEMENTS
 
-__all__ = ["MemoryEstimate", "available_bytes", "estimate", "estimate_group"]
+__all__ = ["PLAN_SHARE", "MemoryEstimate", "available_bytes", "estimate", "estimate_group"]
 
 GiB = 2**30
+#: Share of free device memory a run plans to fill: above it ``optimizer_in_backward`` (when left
+#: at None) turns on and the weight average is dropped (``Trainer._plan_memory``).
+PLAN_SHARE = 0.85
 
 
 @dataclass

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from fastsae.train.config import TrainConfig
-from fastsae.train.memory import MemoryEstimate, available_bytes, estimate
+from fastsae.train.memory import PLAN_SHARE, MemoryEstimate, available_bytes, estimate
 
 __all__ = [
     "RESUME_CHANGEABLE",
@@ -153,7 +153,7 @@ def check_memory(
     mem = estimate(cfg, d_in, d_out, optimizer_in_backward=bool(cfg.optimizer_in_backward))
     host_free = available_bytes(torch.device("cpu"))
     free = host_free - mem.host_buffer if device.type == "cpu" else available_bytes(device)
-    if mem.average and mem.device_total > free:
+    if mem.average and mem.device_total > PLAN_SHARE * free:
         # The trainer drops the weight average when it does not fit (Trainer._plan_memory).
         log(
             f"the weight average ({mem.average / GiB:.1f} GiB) does not fit: the run trains "

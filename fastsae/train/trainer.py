@@ -36,7 +36,7 @@ from fastsae import reference as ref
 from fastsae.config import TOPK_FAMILY, SAEConfig
 from fastsae.sae import SAE
 from fastsae.train.config import TrainConfig
-from fastsae.train.memory import MemoryEstimate, available_bytes, estimate
+from fastsae.train.memory import PLAN_SHARE, MemoryEstimate, available_bytes, estimate
 from fastsae.train.precision import resolve_precision
 
 __all__ = ["NonFiniteLossError", "Trainer", "geometric_median", "resolve_device"]
@@ -186,31 +186,41 @@ class Trainer:
         return estimate(cfg, d_in, d_out, optimizer_in_backward=bool(cfg.optimizer_in_backward))
 
     def _plan_memory(self, d_in: int, d_out: int) -> None:
-        """The two memory-dependent choices, against 85% of the device's free memory:
-        ``optimizer_in_backward`` left at None turns on when the plain step would not fit, and the
-        weight average is dropped, with a warning, when it alone would not fit (at 2^20 latents
-        and d 2304 it is 18 GiB: docs/training.md, "Memory")."""
+        """The two memory-dependent choices, against ``PLAN_SHARE`` (85%) of the device's free
+        memory: ``optimizer_in_backward`` left at None turns on when the plain step would not fit
+        (or when it makes room for the weight average), and the weight average is dropped, with a
+        warning, when it would not fit even so (at 2^20 latents and d 2304 it is 18 GiB:
+        docs/training.md, "Memory")."""
         cfg = self.cfg
-        if cfg.optimizer_in_backward is None and cfg.ema_gamma is None:
+        if cfg.optimizer_in_backward is not None and cfg.ema_gamma is None:
             return
-        budget = 0.85 * available_bytes(self.device)
-        plain = dataclasses.replace(cfg, ema_gamma=None, optimizer_in_backward=False)
+        budget = PLAN_SHARE * available_bytes(self.device)
+        auto_oib = cfg.optimizer_in_backward is None and cfg.grad_clip is None
         if cfg.optimizer_in_backward is None:
+            plain = dataclasses.replace(cfg, ema_gamma=None, optimizer_in_backward=False)
             need = self._estimate(d_in, d_out, plain).device_total
-            self.optimizer_in_backward = cfg.grad_clip is None and need > budget
-        if cfg.ema_gamma is not None:
-            chosen = dataclasses.replace(cfg, optimizer_in_backward=self.optimizer_in_backward)
-            mem = self._estimate(d_in, d_out, chosen)
-            if mem.device_total > budget:
-                warnings.warn(
-                    f"the weight average (ema_gamma={cfg.ema_gamma}) needs "
-                    f"{mem.average / 2**30:.1f} GiB more than fits on {self.device} "
-                    f"({mem.describe()}; 85% of free memory is {budget / 2**30:.1f} GiB): "
-                    "training without it, so the raw weights are served; set ema_gamma=None to "
-                    "silence this",
-                    stacklevel=3,
-                )
-                self.average_gamma = None
+            self.optimizer_in_backward = auto_oib and need > budget
+        if cfg.ema_gamma is None:
+            return
+        mem = self._estimate(
+            d_in, d_out, dataclasses.replace(cfg, optimizer_in_backward=self.optimizer_in_backward)
+        )
+        if mem.device_total <= budget:
+            return
+        if auto_oib and not self.optimizer_in_backward:
+            lean = self._estimate(d_in, d_out, dataclasses.replace(cfg, optimizer_in_backward=True))
+            if lean.device_total <= budget:  # bit-identical steps, and room for the average
+                self.optimizer_in_backward = True
+                return
+        warnings.warn(
+            f"the weight average (ema_gamma={cfg.ema_gamma}) needs "
+            f"{mem.average / 2**30:.1f} GiB more than fits on {self.device} "
+            f"({mem.describe()}; 85% of free memory is {budget / 2**30:.1f} GiB): "
+            "training without it, so the raw weights are served; set ema_gamma=None to "
+            "silence this",
+            stacklevel=3,
+        )
+        self.average_gamma = None
 
     def _build_sae(self, sae_cfg: SAEConfig) -> SAE:
         """The SAE, seeded and on the device (fastsae/parallel overrides this to keep a slab)."""
@@ -634,16 +644,23 @@ class Trainer:
 
     @torch.no_grad()
     def averaged_weights(self) -> list[Tensor] | None:
-        """The weight average as of the current step (the stored average with the current
-        weights folded in, in the parameters' dtypes), in ``scaled_sae.parameters()`` order; None
-        without averaging or before the first step."""
-        if self.averaged is None:
+        """Copies of the weight average as of the current step (the stored average with the
+        current weights folded in, in the parameters' dtypes), in ``scaled_sae.parameters()``
+        order; None without averaging or before the first step."""
+        if self.averaged is None or self.average_gamma is None:
             return None
-        params = [p.detach() for p in self.scaled_sae.parameters()]
-        out = [a.clone() for a in self.averaged]
-        if self.averaged_step < self.step_count and self.average_gamma is not None:
-            _lerp_all(out, params, self._fold_weight(self.step_count))
-        return [o.to(p.dtype) for o, p in zip(out, params, strict=True)]
+        out = [p.detach().clone() for p in self.scaled_sae.parameters()]
+        self._write_average(out)
+        return out
+
+    @torch.no_grad()
+    def _write_average(self, raw: list[Tensor]) -> None:
+        """Overwrite ``raw`` (copies of the current weights) with the average as of the current
+        step, in place: no further copy of the parameters."""
+        weight = self._fold_weight(self.step_count) if self.averaged_step < self.step_count else 0.0
+        for r, avg in zip(raw, self.averaged, strict=True):
+            # weight * w + (1 - weight) * avg, in r's dtype (fp32 averages of 16-bit weights)
+            r.mul_(weight).add_(avg, alpha=1.0 - weight)
 
     @torch.no_grad()
     def _adapt_sparsity(self, l0: float) -> None:
@@ -710,10 +727,8 @@ class Trainer:
         it reads and writes activations in the model's own units. Its weights are the run's weight
         average (``cfg.ema_gamma``) when there is one, else the raw weights."""
         sae = copy.deepcopy(self.scaled_sae).eval()
-        averaged = self.averaged_weights()
-        if averaged is not None:
-            for p, avg in zip(sae.parameters(), averaged, strict=True):
-                p.copy_(avg)
+        if self.averaged is not None and self.average_gamma is not None:
+            self._write_average([p.detach() for p in sae.parameters()])
         s_in, s_out = float(self.in_scale), float(self.out_scale)
         # pre = (s_in x - b_dec) W + b  = (x - b_dec / s_in) (s_in W) + b  (b_dec lives in output
         # space; for an SAE s_in == s_out). recon_raw = recon / s_out.
@@ -738,9 +753,9 @@ def _lerp_all(averaged: list[Tensor], params: list[Tensor], weight: float) -> No
     """``a += weight * (p - a)`` for every pair (fp32 averages of 16-bit weights included)."""
     if all(a.dtype == p.dtype for a, p in zip(averaged, params, strict=True)):
         torch._foreach_lerp_(averaged, params, weight)
-    else:
+    else:  # no full-size cast of the 16-bit weights
         for a, p in zip(averaged, params, strict=True):
-            a.lerp_(p.to(a.dtype), weight)
+            a.mul_(1.0 - weight).add_(p, alpha=weight)
 
 
 def _average_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -182,3 +183,64 @@ def test_resume_between_sparse_folds_is_exact(tmp_path):
     assert straight.averaged_step == second.averaged_step
     for a, b in zip(straight.averaged_weights(), second.averaged_weights(), strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("gamma", [None, 15.0])
+def test_optimizer_in_backward_still_turns_on_by_itself(monkeypatch, gamma):
+    import fastsae.train.trainer as trainer_module
+
+    cfg = small_cfg(ema_gamma=gamma)  # optimizer_in_backward left at None
+    monkeypatch.setattr(trainer_module, "available_bytes", lambda device: 1000)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert Trainer(cfg).optimizer_in_backward
+    monkeypatch.setattr(trainer_module, "available_bytes", lambda device: 2**40)
+    assert not Trainer(cfg).optimizer_in_backward
+
+
+def test_optimizer_in_backward_makes_room_for_the_average_before_it_is_dropped(monkeypatch):
+    import fastsae.train.trainer as trainer_module
+
+    cfg = small_cfg(ema_gamma=15.0)
+    plain = estimate(small_cfg(ema_gamma=None), 24, 24)
+    lean = estimate(cfg, 24, 24, optimizer_in_backward=True)
+    full = estimate(cfg, 24, 24)
+    assert plain.device_total < lean.device_total < full.device_total
+    # the plain step fits, the average only with one gradient matrix at a time
+    room = (lean.device_total + full.device_total) / 2 / 0.85
+    monkeypatch.setattr(trainer_module, "available_bytes", lambda device: room)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing is dropped
+        trainer = Trainer(cfg)
+    assert trainer.optimizer_in_backward and trainer.average_gamma == 15.0
+
+
+def test_a_run_that_dropped_the_average_serves_the_raw_weights_after_resume(tmp_path):
+    from fastsae.train import load_checkpoint, save_checkpoint
+
+    path = save_checkpoint(_run(small_cfg(ema_gamma=15.0), 0, 5), tmp_path)
+    cfg = small_cfg(ema_gamma=None)  # as if this machine had no room for it
+    resumed = Trainer(cfg)
+    load_checkpoint(resumed, path)
+    assert resumed.averaged is None
+    _run(cfg, 5, 8, resumed)
+    assert resumed.averaged is None and resumed.averaged_weights() is None
+    scale = resumed.in_scale.item()
+    assert torch.equal(resumed.inference_sae().W_enc, resumed.scaled_sae.W_enc * scale)
+
+
+def test_the_cli_turns_the_average_off_with_none():
+    import argparse
+
+    from fastsae.cli import add_dataclass_arguments, dataclass_from_args
+    from fastsae.train import TrainConfig
+
+    parser = argparse.ArgumentParser()
+    add_dataclass_arguments(parser, TrainConfig)
+    for text in ("none", "None", "null"):
+        cfg = dataclass_from_args(TrainConfig, parser.parse_args(["--ema-gamma", text]))
+        assert cfg.ema_gamma is None
+    cfg = dataclass_from_args(TrainConfig, parser.parse_args(["--ema-gamma", "7"]))
+    assert cfg.ema_gamma == 7.0
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--ema-gamma", "many"])

@@ -85,7 +85,7 @@ def averaged_copy(trainer):
     """The training module (scaled units) holding the trainer's weight average."""
     module = copy.deepcopy(trainer.scaled_sae)
     with torch.no_grad():
-        for p, avg in zip(module.parameters(), trainer.averaged, strict=True):
+        for p, avg in zip(module.parameters(), trainer.averaged_weights(), strict=True):
             p.copy_(avg)
     return module
 
