@@ -51,3 +51,41 @@ def test_every_subpackage_ships_in_the_distribution():
     }
     on_disk.add("fastsae.kernels")  # kernels/ is installed as fastsae.kernels
     assert on_disk <= listed, sorted(on_disk - listed)
+
+
+def test_the_kernels_directory_does_not_shadow_a_top_level_kernels_package(tmp_path):
+    """From the repository root (on sys.path under ``python -m`` and pytest), ``import kernels``
+    must reach Hugging Face's ``kernels`` (which transformers >= 5.25 imports) or fail as it would
+    without this checkout; it must never load fastsae's kernels/ under that name."""
+    import os
+    import subprocess
+    import sys
+
+    root = ROOT
+    # an installed "kernels" of its own, so the test does not depend on what pip resolved
+    fake = tmp_path / "site" / "kernels"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("MARK = 'installed'\n")
+    probe = (
+        "import kernels, fastsae.kernels as ours; "
+        "print(getattr(kernels, 'MARK', None), kernels.__file__ != ours.__file__)"
+    )
+    env = {"PYTHONPATH": os.pathsep.join([str(root), str(tmp_path / "site")]), "PATH": ""}
+    done = subprocess.run(
+        [sys.executable, "-c", probe], cwd=root, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["installed", "True"]
+    # without one of its own: the environment's kernels (transformers >= 5.25 installs it), or the
+    # ModuleNotFoundError of an environment without it
+    done = subprocess.run(
+        [sys.executable, "-c", "import kernels; print(kernels.__file__)"],
+        cwd=root,
+        env={"PYTHONPATH": str(root), "PATH": ""},
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode == 0:
+        assert not Path(done.stdout.strip()).resolve().is_relative_to(root / "kernels")
+    else:
+        assert "No module named 'kernels'" in done.stderr, done.stderr
