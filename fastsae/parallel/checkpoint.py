@@ -35,7 +35,13 @@ from fastsae.config import SAEConfig
 from fastsae.parallel.comm import barrier
 from fastsae.parallel.trainer import LATENT_ROWS
 from fastsae.sae import SAE
-from fastsae.train.checkpoint import CheckpointError, list_checkpoints, restore_trainer_tensors
+from fastsae.train.checkpoint import (
+    CheckpointError,
+    average_tensors,
+    list_checkpoints,
+    restore_trainer_tensors,
+    saved_average,
+)
 from fastsae.train.trainer import Trainer
 
 __all__ = ["FORMAT", "export_sae", "is_sharded", "load_sharded", "read_meta", "save_sharded"]
@@ -68,11 +74,7 @@ def _slab_tensors(trainer) -> dict[str, torch.Tensor]:
     for name, p in trainer.scaled_sae.named_parameters():
         for key, value in trainer.optimizer_state(p).items():
             tensors[f"optim/{name}/{key}"] = value
-    if trainer.averaged is not None:
-        names = [name for name, _ in trainer.scaled_sae.named_parameters()]
-        for name, avg in zip(names, trainer.averaged, strict=True):
-            tensors[f"average/{name}"] = avg
-        tensors["trainer/averaged_step"] = torch.tensor(trainer.averaged_step)
+    tensors.update(average_tensors(trainer))
     tensors["trainer/since_fired"] = trainer.since_fired
     tensors["trainer/fire_counts"] = trainer.fire_counts
     tensors["trainer/in_scale"] = trainer.in_scale
@@ -228,14 +230,11 @@ def consolidated(path: str | Path) -> _Consolidated:
     _, tensors = read_slab(path, 0, sae.d_sae)
     state = {k.removeprefix("sae/"): v for k, v in tensors.items() if k.startswith("sae/")}
     sae.load_state_dict(state, strict=True)
-    params = dict(sae.named_parameters())
-    average = None  # none, or a partial one (ranks of which some dropped it): the raw weights
-    if all(
-        f"average/{name}" in tensors and tensors[f"average/{name}"].shape == p.shape
-        for name, p in params.items()
-    ):
+    saved = saved_average(tensors, dict(sae.named_parameters()))
+    average = None  # none, or a partial one: the raw weights
+    if saved is not None:
         average = (
-            [tensors[f"average/{name}"] for name in params],
+            saved,
             int(tensors["trainer/averaged_step"]),
             meta["step"],
             meta["config"]["ema_gamma"],

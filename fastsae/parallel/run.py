@@ -107,7 +107,7 @@ def _run(cfg, layout, resume, stop_after_steps, say) -> dict:
                 )
                 mem.average = 0
         short = torch.tensor([float(mem.device_total > free)], device=layout.device)
-        if all_reduce(short, None if layout.world == 1 else dist.group.WORLD, "max").item():
+        if all_reduce(short, world, "max").item():
             raise MemoryError(
                 f"parallel={layout.mode} on {layout.world} ranks needs about "
                 f"{mem.device_total / GiB:.1f} GiB per rank ({mem.describe()}) but a rank has "

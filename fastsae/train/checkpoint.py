@@ -106,6 +106,28 @@ def _non_finite(tensors: dict[str, torch.Tensor]) -> list[str]:
     ]
 
 
+def average_tensors(trainer) -> dict[str, torch.Tensor]:
+    """The weight average's entries of a checkpoint (none without one): ``average/<param>`` and
+    ``trainer/averaged_step`` (shared with the sharded checkpoints of fastsae/parallel)."""
+    if trainer.averaged is None:
+        return {}
+    names = [name for name, _ in trainer.scaled_sae.named_parameters()]
+    tensors = {f"average/{n}": avg for n, avg in zip(names, trainer.averaged, strict=True)}
+    tensors["trainer/averaged_step"] = torch.tensor(trainer.averaged_step)
+    return tensors
+
+
+def saved_average(tensors: dict[str, torch.Tensor], params: dict) -> list[torch.Tensor] | None:
+    """The saved average of ``params`` (name -> parameter) in their order, or None when it is
+    missing or partial (a sharded checkpoint of ranks of which some dropped it)."""
+    found = [tensors.get(f"average/{name}") for name in params]
+    if not params or any(
+        t is None or t.shape != p.shape for t, p in zip(found, params.values(), strict=True)
+    ):
+        return None
+    return found
+
+
 def _trainer_tensors(trainer) -> dict[str, torch.Tensor]:
     tensors: dict[str, torch.Tensor] = {}
     for name, t in trainer.scaled_sae.state_dict().items():
@@ -113,11 +135,7 @@ def _trainer_tensors(trainer) -> dict[str, torch.Tensor]:
     for name, p in trainer.scaled_sae.named_parameters():
         for key, value in trainer.optimizer_state(p).items():
             tensors[f"optim/{name}/{key}"] = value
-    if trainer.averaged is not None:
-        names = [name for name, _ in trainer.scaled_sae.named_parameters()]
-        for name, avg in zip(names, trainer.averaged, strict=True):
-            tensors[f"average/{name}"] = avg
-        tensors["trainer/averaged_step"] = torch.tensor(trainer.averaged_step)
+    tensors.update(average_tensors(trainer))
     tensors["trainer/since_fired"] = trainer.since_fired
     tensors["trainer/fire_counts"] = trainer.fire_counts
     tensors["trainer/in_scale"] = trainer.in_scale
@@ -262,28 +280,17 @@ def restore_trainer_tensors(trainer, tensors: dict[str, torch.Tensor]) -> None:
         if key.startswith("optim/"):
             _, pname, skey = key.split("/", 2)
             trainer.set_optimizer_state(params[pname], skey, value)
-    # The weight average (cfg.ema_gamma), when saved; without one the next step starts it afresh.
-    names = list(params)
-    # Not when this run keeps no average (turned off, or dropped for memory on this machine);
-    # a sharded checkpoint of ranks of which some dropped it holds a partial one: not used.
-    if (
-        trainer.average_gamma is not None
-        and names
-        and all(
-            f"average/{name}" in tensors and tensors[f"average/{name}"].shape == params[name].shape
-            for name in names
-        )
-    ):
-        # in each parameter's own layout (W_enc is a transposed view), so folds stay fast
+    # The weight average, when saved and this run keeps one (not turned off, not dropped for
+    # memory on this machine); without it the next step starts it afresh. In each parameter's
+    # own layout (W_enc is a transposed view), so folds stay fast.
+    saved = saved_average(tensors, params) if trainer.average_gamma is not None else None
+    trainer.averaged = None
+    if saved is not None:
         trainer.averaged = [
-            torch.empty_like(params[name], dtype=tensors[f"average/{name}"].dtype).copy_(
-                tensors[f"average/{name}"]
-            )
-            for name in names
+            torch.empty_like(p, dtype=t.dtype).copy_(t)
+            for p, t in zip(params.values(), saved, strict=True)
         ]
         trainer.averaged_step = int(tensors["trainer/averaged_step"])
-    else:
-        trainer.averaged = None
     trainer.since_fired.copy_(tensors["trainer/since_fired"])
     trainer.fire_counts.copy_(tensors["trainer/fire_counts"])
     trainer.in_scale = tensors["trainer/in_scale"].clone()

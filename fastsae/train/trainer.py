@@ -215,7 +215,7 @@ class Trainer:
         warnings.warn(
             f"the weight average (ema_gamma={cfg.ema_gamma}) needs "
             f"{mem.average / 2**30:.1f} GiB more than fits on {self.device} "
-            f"({mem.describe()}; 85% of free memory is {budget / 2**30:.1f} GiB): "
+            f"({mem.describe()}; {PLAN_SHARE:.0%} of free memory is {budget / 2**30:.1f} GiB): "
             "training without it, so the raw weights are served; set ema_gamma=None to "
             "silence this",
             stacklevel=3,
