@@ -70,6 +70,7 @@ def run_suite(
         f"threads; ceilings: {c['peak_flops'] / 1e9:.1f} GFLOP/s fp32 matmul, "
         f"{c['peak_bytes_per_s'] / 1e9:.1f} GB/s copy"
     )
+    asked = repeats  # an explicit count also overrides a heavy case's own (Case.repeats)
     repeats = repeats or DEFAULT_REPEATS[suite]
     rows: list[dict[str, Any]] = []
     for name, build in cases(suite, only, override):
@@ -84,6 +85,8 @@ def run_suite(
                 keep = set(providers) | {case.baseline}
                 case.providers = {n: f for n, f in case.providers.items() if n in keep}
                 case.skipped = {n: r for n, r in case.skipped.items() if n in keep}
+            if asked:
+                case.repeats = None
             case_rows = measure(case, repeats=repeats, warmup=warmup, ceilings=env["ceilings"])
             del case
         for row in case_rows:
@@ -99,7 +102,12 @@ def run_suite(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__)
     parser.add_argument("--suite", choices=sorted(SIZES), default="smoke")
-    parser.add_argument("--repeats", type=int, default=None, help="default: 3 (smoke), 7 (full)")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="default: 3 (smoke), 7 (full), fewer for heavy cases; when given, for every case",
+    )
     parser.add_argument("--warmup", type=int, default=1, help="untimed calls per provider first")
     parser.add_argument(
         "--only", action="append", choices=sorted(REGISTRY), help="run only this case (repeatable)"

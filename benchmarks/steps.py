@@ -42,14 +42,20 @@ def _fastsae_trainer(
             trainer.since_fired,
             trainer.fire_counts,
             trainer.averaged,  # the weight average (ema_gamma), one more copy of the weights
+            # the reused pre-activation slab (CPU): held between steps instead of re-faulted
+            trainer.scratch_pool.tensors() if trainer.scratch_pool is not None else [],
         )
 
     return StepProvider(lambda: trainer.step(x), state_bytes)
 
 
-def _floor(x: torch.Tensor, n: int, k: int) -> StepProvider:
+def _floor(x: torch.Tensor, n: int, k: int, reuse: bool = False) -> StepProvider:
     """One encoder ``addmm``, one ``torch.topk`` and one fused Adam step over the parameters of
-    an SAE: what any exact TopK step must at least do."""
+    an SAE: what any exact TopK step must at least do.
+
+    ``reuse``: the ``addmm`` writes into one ``[B, n]`` buffer kept between calls, as the
+    trainer's scratch pool does on CPU (:mod:`fastsae.ops._scratch`), instead of a fresh matrix
+    whose pages fault on first write: the stricter floor."""
     B, d = x.shape
     g = torch.Generator(device="cpu").manual_seed(3)
     W_enc = (torch.randn(d, n, generator=g) / d**0.5).to(x.device)
@@ -62,13 +68,15 @@ def _floor(x: torch.Tensor, n: int, k: int) -> StepProvider:
         p.grad = torch.randn_like(p)
     adam = torch.optim.Adam(params, lr=1e-9, fused=True)
 
+    out = torch.empty(B, n, device=x.device) if reuse else None
+
     def floor() -> None:
-        pre = torch.addmm(b_enc, x, W_enc)
+        pre = torch.addmm(b_enc, x, W_enc, out=out)
         torch.topk(pre, k, dim=-1)
         del pre
         adam.step()
 
-    return StepProvider(floor, lambda: owned_bytes(W_enc, b_enc, params, adam))
+    return StepProvider(floor, lambda: owned_bytes(W_enc, b_enc, params, adam, out))
 
 
 def trainer_step(B: int, d: int, n: int, k: int) -> Case:
@@ -80,7 +88,9 @@ def trainer_step(B: int, d: int, n: int, k: int) -> Case:
     an exact top-k, bf16 operands in the sparse backward, fp32 master weights and Adam); the same Trainer on the ``reference``
     backend (dense oracles: the dense-SAE baseline); SAELens's and sparsify's own steps
     (:mod:`benchmarks.competitors`); and the floor of an exact TopK step: one encoder ``addmm``,
-    one ``torch.topk`` and one Adam step over the same parameters.
+    one ``torch.topk`` and one Adam step over the same parameters (the baseline), and the same
+    floor with its ``addmm`` into a reused buffer (``floor(reused buffer)``: no page faults on a
+    fresh ``[B, n]`` matrix on CPU, as fastsae's scratch pool).
     """
     device = _device()
     g = torch.Generator(device="cpu").manual_seed(3)
@@ -93,6 +103,7 @@ def trainer_step(B: int, d: int, n: int, k: int) -> Case:
         "sae_lens": lambda: sae_lens_step.make_step(x, n, k),
         "sparsify": lambda: sparsify_step.make_step(x, n, k),
         "floor(addmm+topk+adam)": lambda: _floor(x, n, k),
+        "floor(reused buffer)": lambda: _floor(x, n, k, reuse=True),
     }
     providers, state, skipped = {}, {}, {}
     for name, build in builders.items():

@@ -33,6 +33,14 @@ earlier fused kernel, selection state in registers), ``slab`` (cuBLAS into bound
 (cuBLAS + ``torch.topk``), or ``auto`` (the default): the first call for a shape on a GPU times
 the eligible ones and caches the fastest. Override with ``FASTSAE_ENCODE_STRATEGY`` or, which
 wins, :func:`use_encode_strategy`.
+
+Scratch memory
+--------------
+On CPU, :func:`scratch_memory` makes the torch backend's encoders compute their ``[B, slab]``
+pre-activation slabs into one reused buffer (a :class:`ScratchPool`) instead of a fresh one per
+call, which costs a page fault per 4 KiB page (:mod:`fastsae.ops._scratch`). The trainer does
+this for its steps and evaluations, and (:func:`keep_freed_memory`) asks glibc to keep the other
+large blocks a step frees for the next one.
 """
 
 from __future__ import annotations
@@ -46,10 +54,13 @@ from typing import NamedTuple
 
 from torch import Tensor
 
+from fastsae.ops._scratch import ScratchPool, keep_freed_memory, scratch_memory
+
 __all__ = [
     "BACKENDS",
     "ENCODE_STRATEGIES",
     "EncodeTopKOutput",
+    "ScratchPool",
     "batch_topk",
     "dense_decode",
     "encode_batch_topk",
@@ -59,8 +70,10 @@ __all__ = [
     "get_encode_strategy",
     "implementation_of",
     "jumprelu",
+    "keep_freed_memory",
     "pre_activations",
     "requested_backend",
+    "scratch_memory",
     "sparse_decode",
     "use_backend",
     "use_encode_strategy",

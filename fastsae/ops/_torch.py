@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastsae.ops._csr import CSR, csr_by_latent, shared_csr_of
+from fastsae.ops._scratch import slab_addmm
 from fastsae.ops._sparse_encode import make_encode_ops
 from fastsae.ops._topk import (
     PREFILTER_BLOCKS_PER_K,
@@ -110,8 +111,15 @@ def _sum_by_latent(layout: CSR, weights: Tensor, dense: Tensor, n: int, bf16: bo
     return out.float() if bf16 else out
 
 
-def _sampled_row_dots(g: Tensor, W: Tensor, indices: Tensor) -> Tensor:
+def _sampled_row_dots(g: Tensor, W: Tensor, indices: Tensor, layout: CSR | None = None) -> Tensor:
     """``out[b, j] = <g[b], W[indices[b, j]]>``: a sampled dense-dense product (SDDMM).
+
+    ``layout``: the CSR-by-latent layout of ``indices`` when the caller has it (the decoder's
+    backward does: its ``grad_W_dec`` needs it). On CPU the product then runs latent by latent:
+    the ``[n, B]`` pattern of the layout, so each row of ``W`` is read once and the rows of ``g``
+    (``B x d``, cache-resident) are the ones gathered. 4.5 ms against 21 ms at B=4096, d=768,
+    n=16384, k=32 on two cores (``W`` is 48 MiB: row-major order gathered it ``k`` times per
+    token from memory); the dot products are the same, in the same order.
 
     On CPU, with at most ``n`` entries per row, the ``[B, k]`` ids are the pattern as they are:
     the CPU ``sampled_addmm`` computes one dot product per stored entry, whatever the column
@@ -127,6 +135,13 @@ def _sampled_row_dots(g: Tensor, W: Tensor, indices: Tensor) -> Tensor:
         few = _few_columns_dots(g, W, indices)
         if few is not None:
             return few
+        if layout is not None:
+            offsets, entries, rows = layout
+            by_latent = torch.sparse_csr_tensor(
+                offsets, rows, g.new_zeros(B * k), (W.shape[0], B), check_invariants=False
+            )
+            dots = torch.sparse.sampled_addmm(by_latent, W, g.T, beta=0.0).values()
+            return torch.empty_like(dots).index_copy_(0, entries, dots).view(B, k)
         crow = torch.arange(0, B * k + 1, k, device=indices.device)
         pattern = torch.sparse_csr_tensor(
             crow, indices.reshape(-1), g.new_zeros(B * k), (B, W.shape[0]), check_invariants=False
@@ -195,11 +210,12 @@ class _SparseDecode(torch.autograd.Function):
         values, indices, W_dec = ctx.saved_tensors
         n = W_dec.shape[0]
         grad_out = grad_out.contiguous()
-        grad_values = grad_W_dec = grad_b_dec = None
-        if ctx.needs_input_grad[0]:
-            grad_values = _sampled_row_dots(grad_out, W_dec, indices)
+        grad_values = grad_W_dec = grad_b_dec = layout = None
         if ctx.needs_input_grad[2]:
             layout = ctx.csr() if ctx.csr is not None else csr_by_latent(indices, n)
+        if ctx.needs_input_grad[0]:
+            grad_values = _sampled_row_dots(grad_out, W_dec, indices, layout)
+        if ctx.needs_input_grad[2]:
             grad_W_dec = _sum_by_latent(layout, values, grad_out, n, ctx.bf16)
         if ctx.needs_input_grad[3]:
             grad_b_dec = grad_out.sum(0)
@@ -346,7 +362,7 @@ def _select_topk_bf16(
     tops, idxs, aux_tops, aux_idxs = [], [], [], []
     for start in range(0, n, slab):
         stop = min(start + slab, n)
-        scores = torch.addmm(b16[start:stop], x16, W16[:, start:stop])
+        scores = slab_addmm(b16[start:stop], x16, W16[:, start:stop])  # pooled: see _scratch
         top, idx = _bf16_candidates(scores, m)
         tops.append(top)
         idxs.append(idx + start)
@@ -382,8 +398,8 @@ def _bf16_candidates(scores: Tensor, m: int) -> tuple[Tensor, Tensor]:
     CPU, where it is faster, :func:`topk_prefiltered` of an fp32 copy (exact: bf16 values are
     fp32 values): 14 ms against 19 ms for ``torch.topk`` at B=1024, w=2048, m=64."""
     B, w = scores.shape
-    if m >= w:
-        return scores, torch.arange(w, device=scores.device).expand(B, w)
+    if m >= w:  # a copy: the slab may be scratch memory that the next slab overwrites
+        return scores.clone(), torch.arange(w, device=scores.device).expand(B, w)
     if prefilter_applies(scores, m):
         top, idx = topk_prefiltered(scores.float(), m, blocks=PREFILTER_BLOCKS_PER_K * (m + 1))
         return top.to(scores.dtype), idx
@@ -526,7 +542,7 @@ def _select_topk_exact(
             if threshold is not None:
                 scores = scores.clone()  # masked in place below
         else:
-            scores = torch.addmm(b_enc[start:stop], x_in, W_enc[:, start:stop])
+            scores = slab_addmm(b_enc[start:stop], x_in, W_enc[:, start:stop])  # see _scratch
         if threshold is not None:
             scores.masked_fill_(scores <= threshold[start:stop], float("-inf"))
         top, idx = topk_tie_exact(scores, min(k, stop - start))

@@ -155,6 +155,11 @@ class TrainConfig:
     fp32 quality: the torch backend's TopK step on CPUs with AVX512-BF16/AMX; fp32 elsewhere, see
     fastsae/train/precision.py), bf16, or fp32 (= none: no autocast). The choice is logged and
     recorded in the SAE's metadata ("precision")."""
+    keep_freed_memory: bool = True
+    """CPU runs on Linux (glibc): keep the large blocks a step frees (gradients, temporaries) for
+    the next step instead of returning them to the system and faulting them in again, page by
+    page, every step (fastsae.ops.keep_freed_memory). Process-wide: the process keeps memory it
+    has freed. False: glibc's defaults."""
 
     # -- data --------------------------------------------------------------------------------------
     model: str = "embedded"

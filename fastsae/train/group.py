@@ -179,6 +179,7 @@ def _build(slots: list[_Slot], data, device, log) -> None:
             f"{slots[worst].name} ({estimates[worst].device_total / GiB:.1f} GiB): drop members, "
             "or split the sweep into several groups"
         )
+    pool = None
     for s in slots:
         if s.status != "running":
             continue
@@ -193,6 +194,10 @@ def _build(slots: list[_Slot], data, device, log) -> None:
         )
         if drop_averages:
             s.trainer.average_gamma = None
+        # Members step one after another on this thread: one slab buffer serves them all.
+        if s.trainer.scratch_pool is not None:
+            pool = pool or s.trainer.scratch_pool
+            s.trainer.scratch_pool = pool
 
 
 def _write_group_file(slots: list[_Slot], out_dir: Path, data_seed: int) -> None:
@@ -465,7 +470,8 @@ def _evaluate_all(slots: list[_Slot], data, log) -> list[tuple[_Slot, dict[str, 
             EvalTarget(s.trainer.inference_sae(), s.cfg.hook, s.cfg.hook_out, s.cfg.backend)
             for s in slots
         ]
-        return list(zip(slots, evaluate_targets(targets, data), strict=True))
+        with slots[0].trainer.scratch():  # the members' shared slab buffer
+            return list(zip(slots, evaluate_targets(targets, data), strict=True))
     except (KeyboardInterrupt, SystemExit):
         raise
     except Exception as exc:

@@ -283,7 +283,8 @@ def _evaluate(trainer: Trainer, data) -> dict[str, Any]:
 
     cfg = trainer.cfg
     target = EvalTarget(trainer.inference_sae(), cfg.hook, cfg.hook_out, cfg.backend)
-    return evaluate_targets([target], data)[0]
+    with trainer.scratch():  # the step's slab memory, not a second copy of it
+        return evaluate_targets([target], data)[0]
 
 
 def evaluate_targets(targets, data) -> list[dict[str, Any]]:

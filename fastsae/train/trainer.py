@@ -123,6 +123,12 @@ class Trainer:
             raise ValueError(f"d_in={cfg.d_in} does not match the activations' width {d_in}")
         d_out = d_out or cfg.d_out or d_in
         self.device = resolve_device(cfg.device)
+        #: reused CPU memory for the encoders' pre-activation slabs, so that a step does not
+        #: page-fault a fresh ``[B, slab]`` matrix (fastsae/ops/_scratch.py); None off the CPU.
+        #: Trainers that step in turn on one thread may share one (the group trainer does).
+        self.scratch_pool = ops.ScratchPool() if self.device.type == "cpu" else None
+        if self.device.type == "cpu" and cfg.keep_freed_memory:
+            ops.keep_freed_memory()
         #: the resolved ``cfg.autocast`` ("bf16" or "none") and why (fastsae/train/precision.py)
         self.precision = resolve_precision(cfg, self.device, d_in)
         #: peak learning rate: ``cfg.lr``, or the default for this d_in and d_sae
@@ -488,6 +494,12 @@ class Trainer:
         strategy = self.cfg.encode_strategy
         return contextlib.nullcontext() if strategy == "auto" else ops.use_encode_strategy(strategy)
 
+    def scratch(self):
+        """A context in which encodes reuse :attr:`scratch_pool` (a no-op off the CPU)."""
+        if self.scratch_pool is None:
+            return contextlib.nullcontext()
+        return ops.scratch_memory(self.scratch_pool)
+
     def _autocast(self):
         if self.precision.autocast == "bf16":
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
@@ -552,7 +564,12 @@ class Trainer:
         # NVTX ranges (the nvtx package works without a GPU) name each phase in Nsight and in
         # profiling/profile_step.py's table.
         with nvtx.annotate("sae.forward+loss", color="green"):
-            with ops.use_backend(cfg.backend), self._encode_strategy(), self._autocast():
+            with (
+                ops.use_backend(cfg.backend),
+                self._encode_strategy(),
+                self._autocast(),
+                self.scratch(),
+            ):
                 result = self._loss(x, y, dead_mask)
             loss_value = result.loss.item()
         if not math.isfinite(loss_value):

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from fastsae import reference as ref
 from fastsae.ops import _topk, _torch
+from fastsae.ops._csr import csr_by_latent
 
 INF = float("inf")
 
@@ -170,7 +171,10 @@ def test_sampled_row_dots_equals_the_gathered_products(B, k, columns):
     if columns == k:  # each row a permutation of the same columns
         ids = torch.stack([cols[torch.randperm(k)] for _ in range(B)])
     want = (g[:, None, :] * W[ids]).sum(-1)
-    torch.testing.assert_close(_torch._sampled_row_dots(g, W, ids), want)
-    got32 = _torch._sampled_row_dots(g.float(), W.float(), ids)
-    assert got32.dtype == torch.float32
-    torch.testing.assert_close(got32, want.float(), rtol=1e-5, atol=1e-4)
+    # with the ids' CSR-by-latent layout (the decoder's backward): the product by latent
+    layout = csr_by_latent(ids, n)
+    for lay in (None, layout):
+        torch.testing.assert_close(_torch._sampled_row_dots(g, W, ids, lay), want)
+        got32 = _torch._sampled_row_dots(g.float(), W.float(), ids, lay)
+        assert got32.dtype == torch.float32
+        torch.testing.assert_close(got32, want.float(), rtol=1e-5, atol=1e-4)

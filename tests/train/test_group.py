@@ -174,3 +174,23 @@ def test_group_gemm_serves_the_eligible_members_and_stays_close(tmp_path, group_
         assert fast[name]["status"] == "done"
         # rounding differences flip a few near-tie selections over 12 steps: same quality
         assert abs(fast[name]["fvu"] - exact[name]["fvu"]) < 0.02 * exact[name]["fvu"] + 1e-3
+
+
+def test_members_share_one_scratch_pool(tmp_path, monkeypatch):
+    """Members step one after another on one thread: one slab buffer serves them all, for the
+    steps and the evaluations (fastsae/ops/_scratch.py), not one per member."""
+    used = []
+    real = ops.scratch_memory
+
+    def spy(pool=None):
+        used.append(pool)
+        return real(pool)
+
+    monkeypatch.setattr(ops, "scratch_memory", spy)
+    two = "members:\n  - {name: a, d_sae: 256, k: 8}\n  - {name: b, d_sae: 384, k: 16}\n"
+    argv = [*SMALL, "--total-tokens", str(512 * 4), "--eval-every", "2"]
+    code = main([*argv, "--sweep", _sweep(tmp_path, two), "--out-dir", str(tmp_path / "g")])
+    assert code == 0
+    assert len(used) > 8 and used[0] is not None
+    assert {id(p) for p in used} == {id(used[0])}
+    assert used[0].nbytes > 0

@@ -291,3 +291,30 @@ def test_encode_strategy_setting_applies_around_the_forward(monkeypatch):
         assert ops.get_encode_strategy() == "slab"
     with Trainer(small_cfg())._encode_strategy():  # auto defers to the environment
         assert ops.get_encode_strategy() == "torch"
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk", "matryoshka_batchtopk"])
+def test_steps_with_the_scratch_pool_are_bit_identical_to_fresh_slabs(arch, monkeypatch):
+    """On CPU the trainer's encodes write their pre-activation slabs into one reused buffer
+    (fastsae/ops/_scratch.py); several slabs per step here, so each overwrites the last."""
+    monkeypatch.setattr(ops._torch, "SLAB_ELEMENTS", 128 * 40)  # 40 latents per slab, 3 slabs
+    cfg = small_cfg(architecture=arch, **ARCH_KW[arch], ema_gamma=None)
+    pooled, fresh = Trainer(cfg), Trainer(cfg)
+    assert pooled.scratch_pool is not None
+    fresh.scratch_pool = None
+    for i in range(6):
+        pooled.step(batch(i))
+        fresh.step(batch(i))
+    assert pooled.scratch_pool.nbytes == 128 * 40 * 4
+    for (name, a), b in zip(
+        pooled.scaled_sae.state_dict().items(), fresh.scaled_sae.state_dict().values(), strict=True
+    ):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_cpu_trainer_keeps_freed_memory_unless_told_not_to(keep, monkeypatch):
+    calls = []
+    monkeypatch.setattr(ops, "keep_freed_memory", lambda: calls.append(1) or True)
+    Trainer(small_cfg(keep_freed_memory=keep))
+    assert calls == ([1] if keep else [])
