@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fastsae.ops._scratch import ensure_scratch
 from fastsae.sae import SAE
 
 __all__ = ["EvalTarget", "evaluate_many", "model_scores", "reconstruction_metrics"]
@@ -98,8 +99,9 @@ def reconstruction_metrics(
     """MSE, FVU, explained variance, L0 and dead % of ``sae`` (eval mode) over ``batches`` of
     ``(x [B, d_in], y [B, d_out] or None)`` in the model's own units."""
     sums = _ReconstructionSums(EvalTarget(sae.eval(), ""))
-    for x, y in batches:
-        sums.add(x, y)
+    with ensure_scratch():  # one slab buffer for all batches (CPU)
+        for x, y in batches:
+            sums.add(x, y)
     return sums.result()
 
 
@@ -125,9 +127,10 @@ def evaluate_many(
     for t in targets:
         t.sae.eval()
     sums = [_ReconstructionSums(t) for t in targets]
-    for chunk in columns:
-        for t, s in zip(targets, sums, strict=True):
-            s.add(chunk[t.hook], chunk[t.hook_out] if t.hook_out else None)
+    with ensure_scratch():  # one slab buffer for all batches and targets (CPU)
+        for chunk in columns:
+            for t, s in zip(targets, sums, strict=True):
+                s.add(chunk[t.hook], chunk[t.hook_out] if t.hook_out else None)
     results = [s.result() for s in sums]
     if model is not None:
         for metrics, scores in zip(

@@ -91,6 +91,13 @@ def scratch_memory(pool: ScratchPool | None = None) -> Iterator[ScratchPool]:
         _ACTIVE.reset(token)
 
 
+def ensure_scratch() -> contextlib.AbstractContextManager:
+    """The active pool for the block if one is set (a trainer's), else a new one that lives as
+    long as the block: for code that encodes batch after batch (evaluations)."""
+    active = _ACTIVE.get()
+    return contextlib.nullcontext(active) if active is not None else scratch_memory()
+
+
 def slab_addmm(bias: Tensor, x: Tensor, W: Tensor) -> Tensor:
     """``torch.addmm(bias, x, W)`` (``[B, w]``), written into the active pool's buffer when there
     is one, the operands are CPU tensors of one dtype and no gradient is being recorded."""

@@ -152,3 +152,35 @@ def test_keep_freed_memory_is_a_no_op_without_glibc(monkeypatch):
     monkeypatch.setattr(_scratch, "_kept", False)
     monkeypatch.setattr(_scratch.sys, "platform", "darwin")
     assert _scratch.keep_freed_memory() is False
+
+
+def test_evaluation_reuses_one_slab_buffer_and_the_active_pool(monkeypatch):
+    """reconstruction_metrics encodes batch after batch: one pool for all of them (its own, or
+    the caller's when one is active), with the metrics of fresh slabs."""
+    import contextlib
+
+    import fastsae.evaluate as ev
+    from fastsae.sae import SAE, SAEConfig
+
+    sae = SAE.from_config(SAEConfig(architecture="topk", d_in=8, d_sae=64, k=4))
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(16, 8, generator=g), None) for _ in range(3)]
+    taken = []
+    real = _scratch.ScratchPool.take
+
+    def spy(self, rows, cols, dtype):
+        taken.append(id(self))
+        return real(self, rows, cols, dtype)
+
+    monkeypatch.setattr(_scratch.ScratchPool, "take", spy)
+    with ops.use_backend("torch"):
+        got = ev.reconstruction_metrics(sae, batches)
+        assert len(taken) == 3 and len(set(taken)) == 1
+        outer = ops.ScratchPool()
+        with ops.scratch_memory(outer):
+            ev.reconstruction_metrics(sae, batches)
+        assert taken[3:] == [id(outer)] * 3
+        monkeypatch.setattr(ev, "ensure_scratch", contextlib.nullcontext)
+        fresh = ev.reconstruction_metrics(sae, batches)
+    assert len(taken) == 6  # the last run used no pool
+    assert got == fresh
