@@ -96,3 +96,19 @@ def test_run_suite_measures_only_the_chosen_providers_and_the_baseline(monkeypat
         "fastsae-triton",
         "floor",
     ]
+
+
+def test_an_explicit_repeat_count_overrides_a_heavy_case_own(monkeypatch):
+    import dataclasses
+
+    from benchmarks import run
+
+    heavy = lambda: dataclasses.replace(_case(), repeats=4)  # noqa: E731
+    monkeypatch.setattr(run, "cases", lambda suite, only, override: [("toy", heavy)])
+    monkeypatch.setattr(
+        run, "measure_ceilings", lambda: {"peak_flops": 1e9, "peak_bytes_per_s": 1e9}
+    )
+    _, rows = run.run_suite("smoke", echo=lambda _: None, providers=["fastsae-torch"])
+    assert {r["repeats"] for r in rows} == {4}  # the case's own count
+    _, rows = run.run_suite("smoke", repeats=2, echo=lambda _: None, providers=["fastsae-torch"])
+    assert {r["repeats"] for r in rows} == {2}
