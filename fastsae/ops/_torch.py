@@ -22,10 +22,8 @@ chunks took 193 ms for ``grad_W_dec`` and a chunked gather + ``bmm`` took 110 ms
 the CSR ``[n, B] @ g`` product it replaced (:func:`_sum_by_latent`).
 
 Under bf16 autocast (fp32 parameters) the encoder GEMM runs in bf16 with an exact selection
-(:func:`_select_topk_bf16`) and ``grad_W_dec`` / ``grad_W_enc`` sum bf16 operands with fp32
-accumulation (0.7x the fp32 time); every gradient is returned in fp32 for the fp32 master
-weights. ``grad_values`` stays fp32: the sparse kernels reject bf16 on CPU, and a bf16 gather +
-``bmm`` took 2.8x the fp32 ``sampled_addmm``.
+(:func:`_select_topk_bf16`); the sparse backward stays fp32 (:data:`BF16_SPARSE_BACKWARD`), and
+every gradient is returned in fp32 for the fp32 master weights.
 
 Ops not defined here fall back to :mod:`fastsae.ops._reference`.
 """
@@ -181,6 +179,14 @@ def _few_columns_dots(g: Tensor, W: Tensor, indices: Tensor) -> Tensor | None:
     return dense.gather(1, where[indices])
 
 
+#: Whether ``grad_W_dec`` and ``grad_W_enc`` read bf16 operands (fp32 accumulation) when the
+#: forward ran under bf16 autocast. Off: it bought nothing measurable once the step stopped
+#: page-faulting (bf16 step 461 ms with it against 442 ms without at B=4096, d=768, n=16384, 2
+#: threads; 34.3 against 34.4 ms at B=1024, d=384, n=2048, 1 thread; medians) and cost held-out
+#: FVU on the embedded model (d_in 128, d_sae 2048, 1000 steps, seeds 0 / 1: +1.13% / +2.1% over
+#: fp32 with it, +0.37% / +0.26% without).
+BF16_SPARSE_BACKWARD = False
+
 # ------------------------------------------------------------------------------------------------
 # sparse_decode
 # ------------------------------------------------------------------------------------------------
@@ -201,7 +207,7 @@ class _SparseDecode(torch.autograd.Function):
     def forward(ctx, values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor, csr) -> Tensor:
         ctx.save_for_backward(values, indices, W_dec)
         ctx.csr = csr
-        ctx.bf16 = _bf16_autocast(W_dec)
+        ctx.bf16 = BF16_SPARSE_BACKWARD and _bf16_autocast(W_dec)
         out = F.embedding_bag(indices, W_dec, per_sample_weights=values, mode="sum")
         return out + b_dec
 
@@ -249,11 +255,12 @@ def sparse_encoder_backward(
     ``[d_in, n]`` transpose view of a contiguous latent-major ``[n, d_in]`` buffer. ``csr``: the
     layout of ``indices`` when the caller has it (the step's shared one), built here otherwise.
 
-    With ``bf16_operands`` (fp32 inputs) ``grad_W_enc`` is summed from bf16 operands with fp32
+    ``bf16_operands`` (the forward ran under bf16 autocast; fp32 inputs): when
+    :data:`BF16_SPARSE_BACKWARD` is on, ``grad_W_enc`` is summed from bf16 operands with fp32
     accumulation (see :func:`_sum_by_latent`); the gradients keep the inputs' dtype."""
     n = W_enc.shape[1]
     layout = csr if csr is not None else csr_by_latent(indices, n)
-    bf16 = bf16_operands and x.dtype == torch.float32
+    bf16 = bf16_operands and BF16_SPARSE_BACKWARD and x.dtype == torch.float32
     grad_W_enc = _sum_by_latent(layout, grad_pre, x, n, bf16).T
     grad_b_enc = torch.zeros(n, dtype=grad_pre.dtype, device=grad_pre.device)
     grad_b_enc.index_add_(0, indices.reshape(-1), grad_pre.reshape(-1))

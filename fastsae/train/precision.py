@@ -3,8 +3,7 @@
 ``autocast="auto"`` (the default) picks the fastest precision whose quality matched fp32 in
 ``benchmarks/quality.py``; ``"fp32"`` / ``"none"`` and ``"bf16"`` force one. bf16 here means the
 torch backend's mixed-precision TopK step: bf16 encoder GEMM with an exact top-k (candidates
-re-scored in fp32), bf16 operands with fp32 accumulation in the sparse backward, fp32 master
-weights and fp32 Adam (see :mod:`fastsae.ops._torch`). ``auto`` chooses bf16 only where that was
+re-scored in fp32), an fp32 sparse backward, fp32 master weights and fp32 Adam (see :mod:`fastsae.ops._torch`). ``auto`` chooses bf16 only where that was
 measured to be both faster and as good:
 
 - a CPU with AVX512-BF16 or AMX-BF16 instructions (``avx512_bf16`` / ``amx_bf16`` in

@@ -8,13 +8,21 @@ signs cancel). The checks use the bf16 row of the shared tolerance table against
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given, settings
 
+from fastsae import ops
 from fastsae import reference as ref
 from fastsae.ops import _torch
 from tests.ops.test_torch_ops import sparse_problem
 from tests.tolerances import assert_close, tolerance
+
+
+@pytest.fixture(autouse=True)
+def bf16_sparse_backward(monkeypatch):
+    """These tests check the bf16-operand backward, which is off by default."""
+    monkeypatch.setattr(_torch, "BF16_SPARSE_BACKWARD", True)
 
 
 def _assert_within_bf16(got: torch.Tensor, want: torch.Tensor, magnitude: torch.Tensor, msg: str):
@@ -105,8 +113,6 @@ def test_encode_topk_under_autocast_passes_the_hint(seed, monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(_torch, "sparse_encoder_backward", spy)
-    from fastsae import ops
-
     x = torch.randn(16, 12)
     W = torch.randn(12, 40, requires_grad=True)
     b = torch.zeros(40, requires_grad=True)
@@ -117,3 +123,34 @@ def test_encode_topk_under_autocast_passes_the_hint(seed, monkeypatch):
             out.values.sum().backward()
     assert seen == [False, True]
     assert W.grad.dtype == torch.float32
+
+
+def test_by_default_the_autocast_backward_is_the_fp32_one(monkeypatch):
+    """BF16_SPARSE_BACKWARD off (the default): under bf16 autocast the sparse backward reads fp32
+    operands, so its gradients match the fp32 ones to fp32 rounding (the selected values differ
+    by ulps: they are re-scored by another summation order), while the bf16-operand backward
+    is off by bf16 rounding."""
+    torch.manual_seed(0)
+    B, d, n, k = 64, 48, 96, 8
+    x = torch.randn(B, d)
+    W_enc = torch.randn(d, n, requires_grad=True)
+    b_enc = torch.zeros(n, requires_grad=True)
+    W_dec = torch.randn(n, d, requires_grad=True)
+    b_dec = torch.zeros(d, requires_grad=True)
+
+    def grads(autocast: bool, bf16_backward: bool):
+        monkeypatch.setattr(_torch, "BF16_SPARSE_BACKWARD", bf16_backward)
+        with ops.use_backend("torch"), torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+            enc = _torch.encode_topk(x, W_enc, b_enc, k, b_dec=b_dec)
+            out = _torch.sparse_decode(enc.values, enc.indices, W_dec, b_dec)
+        return torch.autograd.grad((out - x).pow(2).sum(), (W_enc, W_dec))
+
+    def rel(a, b):
+        return float((a - b).abs().max() / b.abs().max())
+
+    fp32 = grads(False, False)
+    default = grads(True, False)
+    low = grads(True, True)
+    for got, want, bf16 in zip(default, fp32, low, strict=True):
+        assert rel(got, want) < 1e-5
+        assert rel(bf16, want) > 1e-4
