@@ -127,3 +127,16 @@ def test_dashboard_shows_the_newest_result_of_each_budget(tmp_path):
     assert "2.00x" in html  # 2 s for sparsify against 1 s for fastsae, at the 10-step budget
     for png in ("quality-s-64-10.png", "quality-s-64-50.png", "quality-s-64-10-archs.png"):
         assert (out / png).exists(), png
+
+
+def test_fastsae_runs_leave_the_anchors_glibc_defaults(monkeypatch):
+    """keep_freed_memory is process-wide and the anchors share the process: the benchmark's
+    fastsae trainers must not turn it on (the anchors' users run with glibc's defaults)."""
+    from fastsae import ops
+
+    calls = []
+    monkeypatch.setattr(ops, "keep_freed_memory", lambda: calls.append(1) or True)
+    x = torch.randn(64, 16)
+    runner = quality.fastsae_runner("fastsae-topk", x, 64, 3, "topk", backend="torch")
+    runner.step()
+    assert calls == []
