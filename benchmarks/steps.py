@@ -85,7 +85,7 @@ def trainer_step(B: int, d: int, n: int, k: int) -> Case:
 
     Providers: fastsae's ``Trainer.step`` per backend in fp32 (``autocast="fp32"``, whatever
     ``auto`` would pick), and on the torch backend in bf16 (``fastsae-torch-bf16``: bf16 GEMM with
-    an exact top-k, bf16 operands in the sparse backward, fp32 master weights and Adam); the same Trainer on the ``reference``
+    an exact top-k, an fp32 sparse backward, fp32 master weights and Adam); the same Trainer on the ``reference``
     backend (dense oracles: the dense-SAE baseline); SAELens's and sparsify's own steps
     (:mod:`benchmarks.competitors`); and the floor of an exact TopK step: one encoder ``addmm``,
     one ``torch.topk`` and one Adam step over the same parameters (the baseline), and the same

@@ -126,8 +126,9 @@ class Trainer:
         #: reused CPU memory for the encoders' pre-activation slabs, so that a step does not
         #: page-fault a fresh ``[B, slab]`` matrix (fastsae/ops/_scratch.py); None off the CPU.
         #: Trainers that step in turn on one thread may share one (the group trainer does).
-        self.scratch_pool = ops.ScratchPool() if self.device.type == "cpu" else None
-        if self.device.type == "cpu" and cfg.keep_freed_memory:
+        on_cpu = self.device.type == "cpu"
+        self.scratch_pool = ops.ScratchPool() if on_cpu else None
+        if on_cpu and cfg.keep_freed_memory:
             ops.keep_freed_memory()
         #: the resolved ``cfg.autocast`` ("bf16" or "none") and why (fastsae/train/precision.py)
         self.precision = resolve_precision(cfg, self.device, d_in)
